@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from shine.solvers.base import SolverResult, as_batch, batch_norm
+from shine.solvers.base import ScaledIdentity, SolverResult, as_batch, batch_norm
 
 #: ``u -> J_g(z*)ᵀ u`` with ``u`` shaped like the right-hand side.
 VJPFn = Callable[[Tensor], Tensor]
@@ -97,6 +97,8 @@ def initial_scale(fwd: SolverResult) -> float:
     inverse = fwd.inverse
     if inverse is None:
         return -1.0
+    if isinstance(inverse, ScaledIdentity):
+        return float(inverse.scale)
     h0 = getattr(inverse, "h0", None)
     if h0 is not None:
         return float(h0)

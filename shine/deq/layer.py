@@ -117,7 +117,9 @@ class DEQLayer(nn.Module):
             # J_gᵀ u = J_fᵀ u - u, through the retained graph of the differentiable step
             return torch.autograd.grad(fz, z_leaf, u, retain_graph=True)[0] - u
 
-        def implicit_grad(grad: Tensor) -> Tensor:
+        def implicit_grad(grad: Tensor | None) -> Tensor | None:
+            if grad is None:  # undefined incoming gradient: nothing to correct
+                return None
             start = time.perf_counter()
             out = self.backward(vjp, -grad, fwd)
             self.last_backward_time = time.perf_counter() - start

@@ -122,6 +122,10 @@ class Broyden:
                 replaces ``self.h0``). Its terms are kept and ``memory`` more can be added: this
                 is how a backward solve is warm-started with the forward estimate.
         """
+        with torch.no_grad():  # the solve never builds a graph, whatever g closes over
+            return self._solve(g, z0, init_inverse)
+
+    def _solve(self, g: ResidualFn, z0: Tensor, init_inverse: LowRankInverse | None) -> SolverResult:
         z, unbatched = as_batch(z0.detach())
         gfun = (lambda x: g(x.squeeze(0)).unsqueeze(0)) if unbatched else g
         gz = check_residual(gfun(z), z)

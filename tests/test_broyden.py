@@ -1,0 +1,202 @@
+"""Broyden and adjoint Broyden: convergence, secant conditions, estimates, per-sample logic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deq_problems import DT, Recorder, make_problem
+
+from shine.solvers import AdjointBroyden, Broyden
+from shine.solvers.low_rank import LowRankInverse
+
+
+def dense_good_broyden(zs, gs, h0):
+    """Reference: dense good-Broyden inverse recursion on recorded iterates (one sample)."""
+    D = zs[0].shape[-1]
+    H = h0 * torch.eye(D, dtype=DT)
+    for n in range(len(zs) - 1):
+        s, y = zs[n + 1] - zs[n], gs[n + 1] - gs[n]
+        Hy = H @ y
+        H = H + torch.outer(s - Hy, s @ H) / (s @ Hy)
+    return H
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_broyden_converges_to_root(batch):
+    prob = make_problem(dim=10, batch=batch)
+    res = Broyden(max_iter=60, tol=1e-12, memory=60)(prob.g, torch.zeros_like(prob.x))
+    assert bool(res.stats.converged.all())
+    torch.testing.assert_close(res.value, prob.root(), atol=1e-10, rtol=0)
+    assert res.stats.residual_trace.shape == (res.stats.nstep + 1, batch)
+    assert res.stats.n_evals == res.stats.nstep + 1
+
+
+def test_low_rank_estimate_equals_dense_broyden_and_secant():
+    prob = make_problem(dim=6, batch=2)
+    rec = Recorder(prob.g)
+    res = Broyden(max_iter=5, tol=0.0, memory=10, inverse_at="last")(rec, torch.zeros_like(prob.x))
+    zs = torch.stack(rec.zs)  # (n+1, B, D), no line search: every evaluation is an iterate
+    gs = torch.stack(rec.gs)
+    Hd = res.inverse.dense()
+    for b in range(2):
+        ref = dense_good_broyden(zs[:, b], gs[:, b], -1.0)
+        torch.testing.assert_close(Hd[b], ref, rtol=1e-9, atol=1e-12)
+        # secant condition of the last update: H_{n+1} y_n = s_n
+        s, y = zs[-1, b] - zs[-2, b], gs[-1, b] - gs[-2, b]
+        torch.testing.assert_close(Hd[b] @ y, s, rtol=1e-9, atol=1e-12)
+
+
+def test_rmatvec_is_transpose_of_matvec():
+    gen = torch.Generator().manual_seed(3)
+    U = torch.randn(2, 4, 7, dtype=DT, generator=gen)
+    V = torch.randn(2, 4, 7, dtype=DT, generator=gen)
+    weights = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=DT)
+    for H in (LowRankInverse(-1.0, U, V), LowRankInverse(0.5, U, V, weights)):
+        Hd = H.dense()
+        v = torch.randn(2, 7, dtype=DT, generator=gen)
+        torch.testing.assert_close(H.matvec(v), torch.einsum("bij,bj->bi", Hd, v))
+        torch.testing.assert_close(H.rmatvec(v), torch.einsum("bji,bj->bi", Hd, v))
+        torch.testing.assert_close(H.transpose().dense(), Hd.transpose(1, 2))
+    assert LowRankInverse(-1.0, U, V, weights).rank == 3
+
+
+def test_unbatched_input_and_line_search():
+    prob = make_problem(dim=8, batch=1, contraction=0.9)
+    g1 = lambda z: prob.g(z.unsqueeze(0)).squeeze(0)  # noqa: E731
+    for ls in (False, True):
+        res = Broyden(max_iter=80, tol=1e-11, memory=80, line_search=ls)(
+            g1, torch.zeros(8, dtype=DT)
+        )
+        assert res.value.shape == (8,)
+        assert res.stats.residual.dim() == 0 and bool(res.stats.converged)
+        assert res.inverse.matvec(torch.ones(8, dtype=DT)).shape == (8,)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "restart", "freeze"])
+def test_memory_cap_policies(policy):
+    prob = make_problem(dim=12, batch=2, contraction=0.8)
+    res = Broyden(max_iter=100, tol=1e-10, memory=4, memory_policy=policy)(
+        prob.g, torch.zeros_like(prob.x)
+    )
+    assert res.inverse.U.shape[1] <= 4
+    assert bool(res.stats.converged.all())
+
+
+def test_per_sample_convergence_freezes_converged_samples():
+    prob = make_problem(dim=8, batch=2)
+    z0 = torch.zeros_like(prob.x)
+    z0[0] = prob.root()[0]  # sample 0 starts at its root
+    rec = Recorder(prob.g)
+    res = Broyden(max_iter=40, tol=1e-10, memory=40)(rec, z0)
+    assert int(res.stats.lowest_step[0]) == 0
+    assert int(res.stats.lowest_step[1]) > 0
+    for z in rec.zs:  # sample 0 never moved
+        torch.testing.assert_close(z[0], z0[0])
+    assert res.inverse.rank > 0
+    # the estimate of sample 0 is H0 (no update) because its estimate is taken at step 0
+    v = torch.randn(2, 8, dtype=DT)
+    torch.testing.assert_close(res.inverse.matvec(v)[0], -v[0])
+
+
+def test_returns_lowest_residual_iterate():
+    prob = make_problem(dim=8, batch=2)
+    res = Broyden(max_iter=6, tol=0.0, memory=6)(prob.g, torch.zeros_like(prob.x))
+    trace = res.stats.residual_trace
+    torch.testing.assert_close(res.stats.residual, trace.min(dim=0).values)
+    torch.testing.assert_close(res.stats.lowest_step, trace.argmin(dim=0))
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(prob.g(res.value), dim=-1), res.stats.residual
+    )
+
+
+def test_inverse_at_selects_the_estimate_of_the_returned_iterate():
+    prob = make_problem(dim=6, batch=1)
+    rec = Recorder(prob.g)
+    res = Broyden(max_iter=4, tol=0.0, memory=10, inverse_at="before_lowest")(
+        rec, torch.zeros_like(prob.x)
+    )
+    k = int(res.stats.lowest_step[0])
+    zs, gs = torch.stack(rec.zs)[:, 0], torch.stack(rec.gs)[:, 0]
+    ref = dense_good_broyden(zs[:k], gs[:k], -1.0)  # H_{k-1}: pairs up to z_{k-1}
+    torch.testing.assert_close(res.inverse.dense()[0], ref, rtol=1e-9, atol=1e-12)
+
+
+def test_non_finite_residuals_are_rejected():
+    prob = make_problem(dim=6, batch=2)
+    calls = {"n": 0}
+
+    def g(z):
+        out = prob.g(z)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second step of sample 1 blows up once
+            out = out.clone()
+            out[1] = float("nan")
+        return out
+
+    res = Broyden(max_iter=60, tol=1e-10, memory=60)(g, torch.zeros_like(prob.x))
+    assert res.stats.extra["rejected_steps"] == 1.0
+    assert bool(torch.isfinite(res.value).all()) and bool(res.stats.converged.all())
+    torch.testing.assert_close(res.value, prob.root(), atol=1e-8, rtol=0)
+
+
+def test_init_inverse_seeds_the_memory():
+    prob = make_problem(dim=6, batch=2)
+    fwd = Broyden(max_iter=5, tol=0.0, memory=10)(prob.g, torch.zeros_like(prob.x))
+    # zero iterations: the result carries exactly the seed (masked columns baked in)
+    res = Broyden(max_iter=0, tol=0.0, memory=3, inverse_at="last")(
+        prob.g, fwd.value, init_inverse=fwd.inverse
+    )
+    torch.testing.assert_close(res.inverse.dense(), fwd.inverse.dense())
+
+
+def test_adjoint_broyden_converges_and_satisfies_adjoint_secant():
+    prob = make_problem(dim=8, batch=2)
+    rec = Recorder(prob.g)
+    res = AdjointBroyden(max_iter=4, tol=0.0, memory=10, inverse_at="last")(
+        rec, torch.zeros_like(prob.x)
+    )
+    z_last, sigma = rec.zs[-1], rec.gs[-1]
+    J = prob.jacobian(z_last)
+    # sigmaᵀ B_{n+1} = sigmaᵀ J(z_{n+1})  <=>  H_{n+1}ᵀ J(z_{n+1})ᵀ sigma = sigma
+    jts = torch.einsum("bji,bj->bi", J, sigma)
+    torch.testing.assert_close(res.inverse.rmatvec(jts), sigma, rtol=1e-8, atol=1e-12)
+    full = AdjointBroyden(max_iter=60, tol=1e-12, memory=60)(prob.g, torch.zeros_like(prob.x))
+    assert bool(full.stats.converged.all())
+    torch.testing.assert_close(full.value, prob.root(), atol=1e-10, rtol=0)
+    assert full.stats.extra["vjps"] == full.stats.nstep
+
+
+def test_adjoint_broyden_opa_update_secant_and_validation():
+    prob = make_problem(dim=8, batch=2)
+    target = torch.randn_like(prob.x)
+    outer_grad = lambda z: z - target  # noqa: E731
+    with pytest.raises(ValueError, match="outer gradient"):
+        AdjointBroyden(opa_every=2)(prob.g, torch.zeros_like(prob.x))
+    res = AdjointBroyden(max_iter=3, tol=0.0, memory=10, opa_every=2)(
+        prob.g, torch.zeros_like(prob.x), outer_grad=outer_grad
+    )
+    assert res.stats.extra["opa_updates"] == 2.0  # one per sample at n = 2
+    assert res.stats.extra["vjps"] == 4.0
+
+
+@pytest.mark.parametrize("direction", ["paper", "official"])
+def test_opa_secant_condition_holds_right_after_the_extra_update(direction):
+    prob = make_problem(dim=8, batch=2)
+    target = torch.randn_like(prob.x)
+    rec = Recorder(prob.g)
+    before = AdjointBroyden(max_iter=2, tol=0.0, memory=10, inverse_at="last")(
+        prob.g, torch.zeros_like(prob.x)
+    )
+    res = AdjointBroyden(
+        max_iter=3, tol=0.0, memory=10, opa_every=2, opa_direction=direction, inverse_at="last"
+    )(rec, torch.zeros_like(prob.x), outer_grad=lambda z: z - target)
+    # columns in order: 2 regular updates, the OPA update at z_2, the regular update at z_3
+    assert res.inverse.U.shape[1] == 4
+    H_opa = LowRankInverse(-1.0, res.inverse.U[:, :3], res.inverse.V[:, :3])
+    z2 = rec.zs[2]
+    w = z2 - target
+    H2 = before.inverse
+    v = H2.rmatvec(w) if direction == "paper" else H2.matvec(w)  # paper eq. 8: vᵀ = wᵀ H_2
+    jtv = torch.einsum("bji,bj->bi", prob.jacobian(z2), v)
+    # extra secant condition vᵀ B_+ = vᵀ J(z_2)  <=>  H_+ᵀ J(z_2)ᵀ v = v
+    torch.testing.assert_close(H_opa.rmatvec(jtv), v, rtol=1e-8, atol=1e-12)
