@@ -200,3 +200,26 @@ def test_opa_secant_condition_holds_right_after_the_extra_update(direction):
     jtv = torch.einsum("bji,bj->bi", prob.jacobian(z2), v)
     # extra secant condition vᵀ B_+ = vᵀ J(z_2)  <=>  H_+ᵀ J(z_2)ᵀ v = v
     torch.testing.assert_close(H_opa.rmatvec(jtv), v, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver_cls", [Broyden, AdjointBroyden])
+def test_estimate_of_a_sample_does_not_depend_on_the_rest_of_the_batch(solver_cls):
+    # sample 0 converges fast, sample 1 slowly: the FIFO memory wraps around several times
+    # after sample 0 stopped, which must not erase sample 0's columns
+    easy = make_problem(dim=8, batch=1, contraction=0.2, seed=3)
+    hard = make_problem(dim=8, batch=1, contraction=0.97, seed=4)
+    both_x = torch.cat([easy.x, hard.x])
+    W = torch.stack([easy.f.W.detach(), hard.f.W.detach()])
+
+    def g_both(z):
+        return torch.tanh(torch.einsum("bij,bj->bi", W, z) + both_x) - z
+
+    solver = solver_cls(max_iter=80, tol=1e-10, memory=4)
+    alone = solver(easy.g, torch.zeros_like(easy.x))
+    together = solver(g_both, torch.zeros_like(both_x))
+    assert together.stats.nstep > alone.stats.nstep + 8
+    torch.testing.assert_close(together.value[:1], alone.value)
+    v = torch.randn(1, 8, dtype=DT)
+    torch.testing.assert_close(
+        together.inverse.rmatvec(torch.cat([v, v]))[:1], alone.inverse.rmatvec(v)
+    )

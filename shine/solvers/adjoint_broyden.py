@@ -145,7 +145,7 @@ class AdjointBroyden:
                 u, v, done = adjoint_update(H, sigma, vjp(sigma, retain=True), active)
                 n_vjps += 1
                 n_opa += int(done.sum())
-                mem.push(u, v, step=n)
+                mem.push(u, v, step=n, mask=done)
                 Hg = mem.estimate().matvec(gz)
             p = torch.where(active[:, None], -Hg, torch.zeros_like(Hg))
             z_new = z + p
@@ -164,10 +164,10 @@ class AdjointBroyden:
             n_vjps += 1
             mem.make_room()
             H = mem.estimate()
-            u, v, _ = adjoint_update(H, sigma, jts, active & ~bad)
+            u, v, done = adjoint_update(H, sigma, jts, active & ~bad)
             if mem.frozen:
                 Hg = H.matvec(g_new)
-            elif mem.push(u, v, step=n + 1):
+            elif mem.push(u, v, step=n + 1, mask=done):
                 Hg = mem.estimate().matvec(g_new)
             else:
                 Hg = H.matvec(g_new) + u * (v * g_new).sum(-1, keepdim=True)

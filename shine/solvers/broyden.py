@@ -168,7 +168,7 @@ class Broyden:
             v = torch.where(ok[:, None], v, torch.zeros_like(v))
             if mem.frozen:
                 Hg = Hg_new
-            elif mem.push(u, v, step=n + 1):
+            elif mem.push(u, v, step=n + 1, mask=ok):
                 Hg = mem.estimate().matvec(g_new)  # an old term was dropped
             else:
                 Hg = Hg_new + u * (v * g_new).sum(-1, keepdim=True)

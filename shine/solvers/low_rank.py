@@ -106,8 +106,8 @@ class LowRankMemory:
         self.policy = policy
         self.U = like.new_zeros(batch, memory, dim)
         self.V = like.new_zeros(batch, memory, dim)
-        # iterate index n such that the column is part of H_n (and of every later estimate)
-        self.col_step = torch.full((memory,), -1, dtype=torch.long, device=like.device)
+        # per sample, iterate index n such that the column is part of H_n (-1: empty column)
+        self.col_step = torch.full((batch, memory), -1, dtype=torch.long, device=like.device)
         self.n_cols = 0
         self.next_slot = 0
         self.frozen = False
@@ -129,7 +129,7 @@ class LowRankMemory:
         if r:
             mem.U[:, :r] = U
             mem.V[:, :r] = estimate.V
-            mem.col_step[:r] = 0
+            mem.col_step[:, :r] = 0
             mem.n_cols = r
             mem.next_slot = r % mem.capacity
         return mem
@@ -174,13 +174,17 @@ class LowRankMemory:
             self.frozen = True
         return False
 
-    def push(self, u: Tensor, v: Tensor, step: int) -> bool:
-        """Add the term ``u vᵀ`` (``u, v: (B, D)``; zero rows mean "no update for that sample").
+    def push(self, u: Tensor, v: Tensor, step: int, mask: Tensor | None = None) -> bool:
+        """Add the term ``u vᵀ`` (``u, v: (B, D)``) for the samples in ``mask``.
+
+        Samples outside ``mask`` (converged ones, failed updates) keep the column that occupied
+        the slot, so their estimate does not depend on how long the rest of the batch runs.
 
         Args:
             u: left factor.
             v: right factor.
             step: index ``n`` of the first estimate ``H_n`` the term belongs to.
+            mask: ``(B,)`` bool, samples that are updated (default: all).
 
         Returns:
             True if an older term was overwritten (``"fifo"`` on a full memory), in which case
@@ -190,9 +194,14 @@ class LowRankMemory:
             return False
         overwrote = self.full
         slot = self.next_slot
-        self.U[:, slot] = u
-        self.V[:, slot] = v
-        self.col_step[slot] = step
+        if mask is None:
+            self.U[:, slot] = u
+            self.V[:, slot] = v
+            self.col_step[:, slot] = step
+        else:
+            self.U[:, slot] = torch.where(mask[:, None], u, self.U[:, slot])
+            self.V[:, slot] = torch.where(mask[:, None], v, self.V[:, slot])
+            self.col_step[:, slot] = torch.where(mask, step, self.col_step[:, slot])
         self.next_slot = (slot + 1) % self.capacity
         self.n_cols = min(self.n_cols + 1, self.capacity)
         return overwrote
@@ -202,6 +211,7 @@ class LowRankMemory:
         keep = (~mask).to(self.U.dtype)[:, None, None]
         self.U.mul_(keep)
         self.V.mul_(keep)
+        self.col_step.masked_fill_(mask[:, None], -1)
 
     def estimate_at(self, step: Tensor) -> LowRankInverse:
         """The estimate made of the columns that belong to ``H_{step_b}`` for each sample.
@@ -215,6 +225,6 @@ class LowRankMemory:
             still in memory whose index is ``<= step``.
         """
         n = self.n_cols
-        cols = self.col_step[:n]
-        weights = ((cols[None, :] >= 0) & (cols[None, :] <= step[:, None])).to(self.U.dtype)
+        cols = self.col_step[:, :n]
+        weights = ((cols >= 0) & (cols <= step[:, None])).to(self.U.dtype)
         return LowRankInverse(self.h0, self.U[:, :n], self.V[:, :n], weights)
