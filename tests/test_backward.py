@@ -91,9 +91,13 @@ def test_refine_many_steps_converges_to_ift(setup):
 
 def test_refine_error_decreases_with_steps_and_transpose_beats_official(setup):
     _, fwd, vjp, rhs, exact = setup
-    errs = [rel_err(Refine(init=Shine(), n_steps=n)(vjp, rhs, fwd).value, exact) for n in (1, 3, 6)]
+    errs = [
+        rel_err(Refine(init=Shine(), n_steps=n)(vjp, rhs, fwd).value, exact) for n in (1, 3, 6)
+    ]
     assert errs[2] < errs[0]
-    official = rel_err(Refine(init=Shine(), n_steps=3, orientation="as_is")(vjp, rhs, fwd).value, exact)
+    official = rel_err(
+        Refine(init=Shine(), n_steps=3, orientation="as_is")(vjp, rhs, fwd).value, exact
+    )
     assert errs[1] < official
 
 

@@ -28,7 +28,13 @@ def test_two_processes_match_one(tmp_path, strategy, steps):
     single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
     args = [strategy, str(steps)]
     run([sys.executable, str(WORKER), str(single), *args], tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+    ]
     run([*torchrun, str(WORKER), str(ddp), *args], tmp_path)
     a = torch.load(single, weights_only=True)
     b = torch.load(ddp, weights_only=True)

@@ -1,4 +1,4 @@
-"""DEQLayer: gradients of every strategy vs exact implicit differentiation and unrolled autodiff."""
+"""DEQLayer: gradients of every strategy vs exact implicit differentiation and unrolled AD."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_multiscale_state_and_flatten_round_trip():
     assert flat.shape == (5, 11) and packer.dim == 11
     back = packer.unflatten(flat)
     assert isinstance(back, list)
-    for a, b in zip(back, z):
+    for a, b in zip(back, z, strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="batch size"):
         StatePacker.like([torch.zeros(2, 3), torch.zeros(3, 3)])
@@ -153,7 +153,7 @@ def test_multiscale_state_and_flatten_round_trip():
     for _ in range(200):
         z = f(z, x)
     g_unr = torch.autograd.grad(sum((t**2).sum() for t in z), [f.A, x])
-    for a, b in zip(g_impl, g_unr):
+    for a, b in zip(g_impl, g_unr, strict=True):
         assert rel(a, b) < 1e-9
 
 

@@ -89,7 +89,9 @@ def solve_adjoint(
     else:
         raise ValueError(f"unknown backward method {method!r}; valid: 'broyden', 'cg'")
     rel = res.stats.residual / rhs_norm.clamp_min(torch.finfo(rhs.dtype).tiny)
-    return AdjointResult(res.value, AdjointStats(n_vjps=n_vjps, nstep=res.stats.nstep, residual=rel))
+    return AdjointResult(
+        res.value, AdjointStats(n_vjps=n_vjps, nstep=res.stats.nstep, residual=rel)
+    )
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,9 @@ class StatePacker:
         B = z.shape[0]
         if self.kind == "tensor":
             return z.view(B, *self.shapes[0])
-        parts = [p.view(B, *s) for p, s in zip(z.split(self.sizes, dim=1), self.shapes)]
+        parts = [
+            p.view(B, *s) for p, s in zip(z.split(self.sizes, dim=1), self.shapes, strict=True)
+        ]
         return tuple(parts) if self.kind == "tuple" else parts
 
 

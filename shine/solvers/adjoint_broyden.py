@@ -173,11 +173,14 @@ class AdjointBroyden:
                 Hg = H.matvec(g_new) + u * (v * g_new).sum(-1, keepdim=True)
             z, gz = z_new, g_new
             tracker.update(z, gz, step=n + 1)
-        del g_graph, leaf
         inverse = select_estimate(mem, tracker, self.inverse_at)
         stats = tracker.stats(nstep=nstep, n_evals=n_evals, unbatched=unbatched)
         stats.extra.update(
-            {"vjps": float(n_vjps), "opa_updates": float(n_opa), "rejected_steps": float(n_rejected)}
+            {
+                "vjps": float(n_vjps),
+                "opa_updates": float(n_opa),
+                "rejected_steps": float(n_rejected),
+            }
         )
         value = tracker.best_z.squeeze(0) if unbatched else tracker.best_z
         logger.debug("AdjointBroyden: %d steps, %d OPA updates", nstep, n_opa)

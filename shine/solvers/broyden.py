@@ -125,7 +125,9 @@ class Broyden:
         with torch.no_grad():  # the solve never builds a graph, whatever g closes over
             return self._solve(g, z0, init_inverse)
 
-    def _solve(self, g: ResidualFn, z0: Tensor, init_inverse: LowRankInverse | None) -> SolverResult:
+    def _solve(
+        self, g: ResidualFn, z0: Tensor, init_inverse: LowRankInverse | None
+    ) -> SolverResult:
         z, unbatched = as_batch(z0.detach())
         gfun = (lambda x: g(x.squeeze(0)).unsqueeze(0)) if unbatched else g
         gz = check_residual(gfun(z), z)

@@ -49,7 +49,7 @@ class LowRankInverse:
         return out.squeeze(0) if unbatched else out
 
     def matvec(self, x: Tensor) -> Tensor:
-        """Return ``H x = h0·x + U (Vᵀ x)`` for ``x`` of shape ``(B, D)`` (or ``(D,)`` if B = 1)."""
+        """Return ``H x = h0·x + U (Vᵀ x)`` for ``x: (B, D)`` (or ``(D,)`` when B = 1)."""
         return self._apply(self.U, self.V, x)
 
     def rmatvec(self, x: Tensor) -> Tensor:
@@ -101,7 +101,9 @@ class LowRankMemory:
         if memory < 1:
             raise ValueError(f"memory must be >= 1, got {memory}")
         if policy not in ("fifo", "restart", "freeze"):
-            raise ValueError(f"memory_policy must be 'fifo', 'restart' or 'freeze', got {policy!r}")
+            raise ValueError(
+                f"memory_policy must be 'fifo', 'restart' or 'freeze', got {policy!r}"
+            )
         self.h0 = h0
         self.policy = policy
         self.U = like.new_zeros(batch, memory, dim)
@@ -113,9 +115,7 @@ class LowRankMemory:
         self.frozen = False
 
     @classmethod
-    def seeded(
-        cls, estimate: LowRankInverse, memory: int, policy: MemoryPolicy
-    ) -> LowRankMemory:
+    def seeded(cls, estimate: LowRankInverse, memory: int, policy: MemoryPolicy) -> LowRankMemory:
         """A memory whose initial estimate is ``estimate`` (its terms count as part of ``H_0``).
 
         Args:
