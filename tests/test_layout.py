@@ -1,0 +1,63 @@
+"""Repository layout and library-purity rules (style guide of the project)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY_FILES = sorted((ROOT / "shine").rglob("*.py"))
+
+
+@pytest.mark.parametrize(
+    "directory", ["configs", "shine", "experiments", "scripts", "figures", "slurm", "tests"]
+)
+def test_top_level_directory_exists_and_explains_itself(directory):
+    path = ROOT / directory
+    assert path.is_dir()
+    if directory not in ("shine", "tests"):
+        assert (path / "README.md").is_file()
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", LIBRARY_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_library_never_imports_hydra_nor_prints(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    assert not {"hydra", "omegaconf"} & _imports(tree), "Hydra belongs to train.py only"
+    prints = [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"
+    ]
+    assert not prints, f"print() at lines {prints}: use logging"
+
+
+def test_instantiate_is_called_only_by_train_py():
+    callers = [
+        p.relative_to(ROOT).as_posix()
+        for p in [ROOT / "train.py", *LIBRARY_FILES, *(ROOT / "scripts").glob("*.py")]
+        if "instantiate(" in p.read_text(encoding="utf-8")
+    ]
+    assert callers == ["train.py"]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [
+        line.strip()
+        for line in ci.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert commands[0] == "set -euo pipefail" and commands[-1] == "make test"
+    assert "make test" in (ROOT / "README.md").read_text()
