@@ -1,0 +1,19 @@
+"""Device and dtype helpers for objects configured with plain strings."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """Return the ``torch.dtype`` named by ``dtype`` (``"float64"``, ``"torch.float32"``, ...).
+
+    Raises:
+        ValueError: if the name is not a torch dtype.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown torch dtype {dtype!r}")
+    return resolved

@@ -1,0 +1,159 @@
+"""Every config composes, and every solver / backward / experiment task instantiates."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+SOLVERS = sorted(p.stem for p in (CONFIGS / "solver").glob("*.yaml"))
+BACKWARDS = sorted(p.stem for p in (CONFIGS / "backward").glob("*.yaml"))
+
+
+def compose_train(overrides: list[str], *, hydra_node: bool = False) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra_node)
+
+
+def _targets(node) -> list[str]:
+    if isinstance(node, DictConfig):
+        found = [str(node["_target_"])] if node.get("_target_") else []
+        return found + [t for key in node if key != "_target_" for t in _targets(node[key])]
+    if isinstance(node, ListConfig):
+        return [t for item in node for t in _targets(item)]
+    return []
+
+
+def _locate(target: str) -> object:
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        module = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # the module exists but imports something missing
+                raise
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(target)
+
+
+def test_groups_are_not_empty():
+    assert EXPERIMENTS and SOLVERS and BACKWARDS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_resolves(experiment):
+    cfg = compose_train([f"+experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    assert cfg.task is not None, "an experiment must select a task"
+    # everything but the hydra-runtime output dir resolves outside of a Hydra run
+    OmegaConf.resolve(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "paths"]))
+    text = (CONFIGS / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    assert "Command:" in text and "Cost:" in text, "header must give the command and its cost"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_task_instantiates(experiment):
+    cfg = compose_train([f"+experiment={experiment}"])
+    task = instantiate(cfg.task)
+    assert callable(getattr(task, "run", None))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solver_instantiates(solver):
+    cfg = compose_train([f"solver={solver}"])
+    obj = instantiate(cfg.solver)
+    assert callable(obj)
+    for key, value in cfg.solver.items():
+        if key not in ("_target_",):
+            assert getattr(obj, key) == value, f"{solver}.{key} not passed through"
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_backward_instantiates(backward):
+    cfg = compose_train([f"backward={backward}"])
+    obj = instantiate(cfg.backward)
+    assert callable(obj)
+
+
+def test_inheriting_configs_only_change_their_deltas():
+    opa = compose_train(["solver=lbfgs_opa"]).solver
+    base = compose_train(["solver=lbfgs"]).solver
+    assert opa.opa_every == 5 and base.opa_every is None
+    assert {k for k in base if base[k] != opa[k]} == {"opa_every"}
+    assert compose_train(["backward=ift_limited"]).backward.max_iter == 5
+    assert compose_train(["backward=cg"]).backward.method == "cg"
+
+
+def test_command_line_wins_over_experiment():
+    cfg = compose_train(["+experiment=opa_inversion", "solver.memory=7", "task.n_seeds=2"])
+    assert cfg.solver.memory == 7 and cfg.task.n_seeds == 2
+    assert cfg.task.solver.memory == 7, "the task must receive the composed solver"
+
+
+def test_opa_inversion_has_the_authors_settings():
+    cfg = compose_train(["+experiment=opa_inversion"])
+    assert cfg.solver._target_ == "shine.solvers.LBFGS"
+    assert (cfg.solver.memory, cfg.solver.tol, cfg.solver.max_iter) == (60, 1e-6, 1000)
+    assert cfg.solver.opa_every == 5
+    assert cfg.task.n_seeds == 100 and cfg.task.log_lambda == 0.0
+    assert cfg.dataset.keep_fraction == 0.2 and cfg.dataset.random_state == 3
+
+
+def test_run_and_sweep_directories_are_deterministic(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHINE_RUNS", str(tmp_path))
+    cfg = compose_train(["+experiment=opa_inversion", "seed=3"], hydra_node=True)
+    assert cfg.hydra.run.dir == f"{tmp_path}/opa_inversion/seed=3"
+    assert cfg.hydra.sweep.dir == f"{tmp_path}/sweeps/adhoc"
+    excluded = cfg.hydra.job.config.override_dirname.exclude_keys
+    assert {"experiment", "sweep", "hydra/launcher"} <= set(excluded)
+    assert cfg.hydra.output_subdir is None
+
+
+def test_paths_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHINE_RUNS", str(tmp_path / "r"))
+    monkeypatch.setenv("SHINE_DATA", str(tmp_path / "d"))
+    cfg = compose_train([])
+    assert cfg.paths.log_dir == str(tmp_path / "r") and cfg.paths.data_dir == str(tmp_path / "d")
+    monkeypatch.delenv("SHINE_RUNS")
+    monkeypatch.delenv("SHINE_DATA")
+    cfg = compose_train([])
+    assert (cfg.paths.log_dir, cfg.paths.data_dir) == ("runs", "data")
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"), [("local", "LocalLauncher"), ("slurm", "SlurmLauncher")]
+)
+def test_launchers_compose(launcher, target, monkeypatch):
+    monkeypatch.setenv("SLURM_PARTITION", "testpart")
+    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
+    cfg = compose_train([f"hydra/launcher={launcher}"], hydra_node=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.partition == "testpart"
+        assert cfg.hydra.launcher.account is None
+        assert cfg.hydra.launcher.max_num_timeout > 0
+
+
+def test_wandb_logger_is_offline_by_default():
+    mirror = instantiate(compose_train(["logger=wandb"]).logger.mirror)
+    assert mirror.mode == "offline"
+    assert instantiate(compose_train([]).logger.mirror).mode == "disabled"
+
+
+def test_default_config_has_no_task_and_no_experiment_entry():
+    cfg = compose_train([])
+    assert cfg.get("task") is None and "experiment" not in cfg
+    assert cfg.overwrite is False and cfg.seed == 0
