@@ -36,12 +36,13 @@ class BestIterateTracker:
         self.converged = norm0 <= self.threshold
         self._trace = [norm0]
 
-    def update(self, z: Tensor, gz: Tensor, step: int) -> Tensor:
+    def update(self, z: Tensor, gz: Tensor, step: int, norm: Tensor | None = None) -> Tensor:
         """Record iterate ``z_step`` with residual ``gz``; return its residual norms ``(B,)``.
 
         Samples that already converged keep their iterate (a converged sample is frozen).
+        ``norm`` may pass ``‖gz‖`` per sample when the caller already computed it.
         """
-        norm = batch_norm(gz)
+        norm = batch_norm(gz) if norm is None else norm
         self._trace.append(norm)
         better = (norm < self.best_residual) & ~self.converged
         self.best_z = torch.where(better[:, None], z, self.best_z)

@@ -38,7 +38,7 @@ def _safe_division(num: Tensor, den: Tensor, ok: Tensor) -> tuple[Tensor, Tensor
     safe = ok & torch.isfinite(den) & (den.abs() > torch.finfo(den.dtype).tiny)
     den = torch.where(safe, den, torch.ones_like(den))
     out = num / den[:, None]
-    safe = safe & torch.isfinite(out).all(dim=-1)
+    safe = safe & torch.isfinite(batch_norm(out))  # one reduction instead of isfinite + all
     return torch.where(safe[:, None], out, torch.zeros_like(out)), safe
 
 
@@ -147,11 +147,13 @@ class Broyden:
             active = ~tracker.converged
             if not bool(active.any()):
                 break
-            p = torch.where(active[:, None], -Hg, torch.zeros_like(Hg))
+            all_active = bool(active.all())
+            p = -Hg if all_active else torch.where(active[:, None], -Hg, torch.zeros_like(Hg))
             z_new, g_new, evals = self._step(gfun, z, gz, p)
             n_evals += evals
             nstep = n + 1
-            bad = active & ~torch.isfinite(g_new).all(dim=-1)
+            g_norm = batch_norm(g_new)
+            bad = active & ~torch.isfinite(g_norm)
             if bool(bad.any()):
                 # reject the step of diverging samples and restart their estimate from H0
                 n_rejected += int(bad.sum())
@@ -175,7 +177,7 @@ class Broyden:
             else:
                 Hg = Hg_new + u * (v * g_new).sum(-1, keepdim=True)
             z, gz = z_new, g_new
-            tracker.update(z, gz, step=n + 1)
+            tracker.update(z, gz, step=n + 1, norm=None if bool(bad.any()) else g_norm)
         inverse = select_estimate(mem, tracker, self.inverse_at)
         stats = tracker.stats(nstep=nstep, n_evals=n_evals, unbatched=unbatched)
         stats.extra["rejected_steps"] = float(n_rejected)
