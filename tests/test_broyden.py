@@ -205,7 +205,9 @@ def test_opa_secant_condition_holds_right_after_the_extra_update(direction):
 @pytest.mark.parametrize("solver_cls", [Broyden, AdjointBroyden])
 def test_estimate_of_a_sample_does_not_depend_on_the_rest_of_the_batch(solver_cls):
     # sample 0 converges fast, sample 1 slowly: the FIFO memory wraps around several times
-    # after sample 0 stopped, which must not erase sample 0's columns
+    # after sample 0 stopped, which must not erase sample 0's columns. An erased column changes
+    # the estimate at order one; the tolerance only absorbs rounding: batched and single products
+    # round differently, and the last secant pairs (‖s‖ ~ tol) carry relative errors ~1e-16/tol
     easy = make_problem(dim=8, batch=1, contraction=0.2, seed=3)
     hard = make_problem(dim=8, batch=1, contraction=0.97, seed=4)
     both_x = torch.cat([easy.x, hard.x])
@@ -221,5 +223,8 @@ def test_estimate_of_a_sample_does_not_depend_on_the_rest_of_the_batch(solver_cl
     torch.testing.assert_close(together.value[:1], alone.value)
     v = torch.randn(1, 8, dtype=DT)
     torch.testing.assert_close(
-        together.inverse.rmatvec(torch.cat([v, v]))[:1], alone.inverse.rmatvec(v)
+        together.inverse.rmatvec(torch.cat([v, v]))[:1],
+        alone.inverse.rmatvec(v),
+        rtol=1e-5,
+        atol=1e-8,
     )

@@ -39,6 +39,9 @@ def test_two_processes_match_one(tmp_path, strategy, steps):
     a = torch.load(single, weights_only=True)
     b = torch.load(ddp, weights_only=True)
     assert a.keys() == b.keys()
+    # IFT is exact to 1e-13; SHINE's estimate carries the rounding of its last secant pairs,
+    # ~1e-16 / tol relative (tol = 1e-9 in the worker), which the batch split changes
+    rtol, atol = (1e-10, 1e-12) if strategy == "ift" else (1e-5, 1e-8)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b[key], a[key], rtol=rtol, atol=atol)
     assert not torch.equal(a["W"], torch.zeros_like(a["W"]))
