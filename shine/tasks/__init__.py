@@ -1,0 +1,6 @@
+"""Experiments runnable by ``train.py``: objects with ``run(run_dir) -> metrics | None``."""
+
+from shine.tasks.base import Task
+from shine.tasks.opa_inversion import OPAInversion
+
+__all__ = ["OPAInversion", "Task"]
