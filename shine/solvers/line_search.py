@@ -227,7 +227,12 @@ def strong_wolfe(
     def armijo(point: _Point) -> bool:
         if point.value <= phi0 + c1 * point.alpha * dphi0:
             return True
-        return point.value <= phi0 + value_noise and point.deriv <= (2.0 * c1 - 1.0) * dphi0
+        # approximate Wolfe test, only where the values cannot resolve the decrease
+        return (
+            value_noise > 0.0
+            and abs(point.value - phi0) <= value_noise
+            and point.deriv <= (2.0 * c1 - 1.0) * dphi0
+        )
 
     def not_lower(a: _Point, b: _Point) -> bool:
         """Whether ``a`` is not (significantly) lower than ``b``."""
