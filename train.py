@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -45,6 +46,21 @@ def _format_metrics(metrics: dict) -> str:
         f"  {k:<40} {v:.6g}" if isinstance(v, float) else f"  {k:<40} {v}"
         for k, v in metrics.items()
     )
+
+
+def compose_task(overrides: list[str]) -> Any:
+    """Compose ``configs/train.yaml`` with ``overrides`` and instantiate its task.
+
+    For scripts (benchmarks) that need the exact objects of an experiment without a run
+    directory, e.g. ``compose_task(["+experiment=breast_cancer_shine", "seed=1"])``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return instantiate(cfg.task)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -1,6 +1,7 @@
 """Experiments runnable by ``train.py``: objects with ``run(run_dir) -> metrics | None``."""
 
 from shine.tasks.base import Task
+from shine.tasks.hyperopt import HyperparameterOptimization
 from shine.tasks.opa_inversion import OPAInversion
 
-__all__ = ["OPAInversion", "Task"]
+__all__ = ["HyperparameterOptimization", "OPAInversion", "Task"]
