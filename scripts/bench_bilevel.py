@@ -1,0 +1,312 @@
+# ruff: noqa: E402  (thread settings must precede the imports of numpy, scipy and torch)
+"""Bi-level benchmark: our inner L-BFGS vs SciPy's, and the paper's speed claim for SHINE.
+
+    python scripts/bench_bilevel.py [--dataset synthetic_news] [--seeds 0 1 2]
+                                    [--modes robust faithful] [--threads 1] [--quick] [--out PATH]
+
+Part 1 - inner solver. On the ℓ2-logistic inner problem of the data set (train split of seed 0),
+our :class:`shine.solvers.LBFGS` as HOAG's experiment config sets it up and SciPy's L-BFGS-B
+(``scipy.optimize.minimize``, memory 10) minimise ``h(·, λ)`` from the same random ``w0`` until
+``‖∇h‖₂ <= rel·‖∇h(w0)‖₂``, for several ``λ`` and ``rel``, with the *same* oracle (the torch
+value-and-gradient used by every method; SciPy gets it through numpy views, and stops through a
+callback on the same 2-norm). Reported: time and iteration ratios SciPy / ours per case, and their
+median (target: ours at least as fast, ratio >= 1), so that method timings compare methods, not
+implementations.
+
+Part 2 - methods. Every hyper-parameter optimisation method of Figure 1 (HOAG, SHINE, SHINE refine,
+SHINE-OPA, Jacobian-Free, HOAG limited backward, grid search) runs through the real pipeline
+(the Hydra experiment configs, ``HyperparameterOptimization`` and the shared trainer, timing the
+outer steps only) on each seed. Per seed the reference is the best held-out loss reached by any
+method; for each method the time to get within 1 % and 0.1 % of it (the paper's "acceptable
+level"), its final held-out loss, and its time split into inner solves and backward. Reported:
+median over seeds, and the speed-up HOAG time / SHINE time to 1 % (target: >= 2, the paper's claim)
+with SHINE's final loss no worse than HOAG's by more than 0.1 %.
+
+Timings are medians over seeds of one run each; ratios compare methods run back to back. Targets
+print PASS/FAIL; the exit code is 0 regardless (a measurement). JSON: ``--out`` (default
+``${SHINE_RUNS:-runs}/bench/bench_bilevel.json``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# one thread per BLAS/OpenMP pool before numpy/scipy/torch load them: idle BLAS threads of SciPy
+# spinning beside torch's threads on a small machine would distort the comparison (10x seen)
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from shine.bilevel import L2Regularized
+from shine.runtime import RunDirectory
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path(os.environ.get("SHINE_RUNS", "runs")) / "bench" / "bench_bilevel.json"
+METHODS = [
+    "hoag",
+    "shine",
+    "shine_refine",
+    "shine_opa",
+    "jacobian_free",
+    "hoag_limited",
+    "grid_search",
+]
+SEARCHES = {"grid_search", "random_search"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synthetic_news", help="configs/dataset/ name")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--modes", nargs="+", default=["robust", "faithful"])
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--quick", action="store_true", help="small data, one seed, few iterations")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(argv)
+
+
+def compose_task(experiment: str, overrides: list[str]) -> Any:
+    """The task of ``+experiment=experiment`` with ``overrides``, built by train.py's code."""
+    sys.path.insert(0, str(ROOT))
+    from train import compose_task as compose
+
+    return compose([f"+experiment={experiment}", *overrides])
+
+
+# ---------------------------------------------------------------------------- part 1
+def bench_inner(dataset: str, quick: bool) -> dict[str, Any]:
+    task = compose_task(f"{dataset}_hoag", ["seed=0"] + (quick_overrides() if quick else []))
+    problem, w0 = task.build()
+    inner: L2Regularized = problem.inner
+    cases = []
+    lams = (-2.0, 0.0, 2.0)
+    rels = (1e-3, 1e-6)
+    for lam_value in lams:
+        lam = torch.tensor(lam_value, dtype=inner.dtype)
+        fun = inner.objective(lam)
+        ref = float(torch.linalg.vector_norm(fun(w0)[1]))
+        for rel in rels:
+            tol = rel * ref
+            t0 = time.perf_counter()
+            ours = replace(task.method.solver, tol=tol, rel_tol=0.0, max_iter=10_000)(fun, w0)
+            t_ours = time.perf_counter() - t0
+            sp = scipy_lbfgs(fun, w0, tol)
+            cases.append(
+                {
+                    "log_lambda": lam_value,
+                    "rel_tol": rel,
+                    "ours_time": t_ours,
+                    "ours_iters": int(ours.stats.nstep),
+                    "ours_evals": int(ours.stats.n_evals),
+                    "ours_grad_norm": float(ours.stats.residual),
+                    "ours_value": float(fun(ours.value)[0]),
+                    **sp,
+                    "time_ratio_scipy_over_ours": sp["scipy_time"] / t_ours,
+                }
+            )
+    ratios = [c["time_ratio_scipy_over_ours"] for c in cases]
+    return {
+        "cases": cases,
+        "median_time_ratio": statistics.median(ratios),
+        "n_features": w0.numel(),
+    }
+
+
+def scipy_lbfgs(fun: Any, w0: torch.Tensor, tol: float) -> dict[str, Any]:
+    """SciPy L-BFGS-B (memory 10) on the same torch oracle, stopped at ‖∇h‖₂ <= tol."""
+    last: dict[str, float] = {"gnorm": math.inf}
+
+    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grad = fun(torch.from_numpy(x))
+        g = grad.numpy()
+        last["gnorm"] = float(np.linalg.norm(g))
+        return float(value), g
+
+    def callback(intermediate_result: Any) -> None:
+        if last["gnorm"] <= tol:
+            raise StopIteration
+
+    t0 = time.perf_counter()
+    res = minimize(
+        f,
+        w0.numpy().copy(),
+        jac=True,
+        method="L-BFGS-B",
+        callback=callback,
+        options={"maxcor": 10, "gtol": 0.0, "ftol": 0.0, "maxiter": 10_000, "maxfun": 100_000},
+    )
+    dt = time.perf_counter() - t0
+    value, grad = fun(torch.from_numpy(res.x))
+    return {
+        "scipy_time": dt,
+        "scipy_iters": int(res.nit),
+        "scipy_evals": int(res.nfev),
+        "scipy_grad_norm": float(torch.linalg.vector_norm(grad)),
+        "scipy_value": float(value),
+    }
+
+
+# ---------------------------------------------------------------------------- part 2
+def quick_overrides() -> list[str]:
+    return [
+        "dataset.n_samples=1500",
+        "dataset.n_features=2000",
+        "dataset.nnz_per_row=20",
+    ]
+
+
+def run_method(dataset: str, method: str, seed: int, mode: str, quick: bool) -> list[dict]:
+    overrides = [f"seed={seed}"] + (quick_overrides() if quick else [])
+    if method not in SEARCHES:
+        overrides.append(f"method.mode={mode}")
+        if quick:
+            overrides.append("method.max_iter=8")
+    task = compose_task(f"{dataset}_{method}", overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = RunDirectory(tmp)
+        run_dir.start("bench: true\n")
+        task.run(run_dir)
+        return run_dir.read_metrics()
+
+
+def time_to(records: list[dict], target: float) -> float:
+    for r in records:
+        if r["test_loss"] <= target:
+            return float(r["time"])
+    return math.nan
+
+
+def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in args.modes:
+        per_seed: dict[str, list[dict]] = {m: [] for m in args.methods}
+        for seed in args.seeds:
+            runs = {m: run_method(args.dataset, m, seed, mode, args.quick) for m in args.methods}
+            best = min(r["test_loss"] for recs in runs.values() for r in recs)
+            for m, recs in runs.items():
+                steps = [r for r in recs if r["step"] > 0]
+                per_seed[m].append(
+                    {
+                        "seed": seed,
+                        "best": best,
+                        "time_to_1pct": time_to(recs, best * 1.01),
+                        "time_to_0.1pct": time_to(recs, best * 1.001),
+                        "final_test_loss": recs[-1]["test_loss"],
+                        "total_time": recs[-1]["time"],
+                        "inner_time": sum(r.get("inner_time", 0.0) for r in steps),
+                        "backward_time": sum(r.get("backward_time", 0.0) for r in steps),
+                    }
+                )
+            logging.info("mode %s seed %d done", mode, seed)
+        summary = {}
+        for m, rows in per_seed.items():
+            summary[m] = {
+                k: nanmedian([row[k] for row in rows])
+                for k in (
+                    "time_to_1pct",
+                    "time_to_0.1pct",
+                    "final_test_loss",
+                    "total_time",
+                    "inner_time",
+                    "backward_time",
+                )
+            }
+        out[mode] = {"per_seed": per_seed, "median": summary}
+    return out
+
+
+def nanmedian(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    if len(finite) * 2 <= len(values):  # most seeds never got there
+        return math.nan
+    return float(np.median(finite))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:1]
+        args.dataset = "synthetic_news_small"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res: dict[str, Any] = {
+        "config": {**vars(args), "out": str(args.out)},
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+    print(f"== part 1: inner L-BFGS vs SciPy L-BFGS-B on {args.dataset} (memory 10)")
+    inner = bench_inner(args.dataset, args.quick)
+    res["inner"] = inner
+    print(f"   {'lambda':>7} {'rel':>6} {'ours s':>8} {'its':>5} {'scipy s':>8} {'its':>5} ratio")
+    for c in inner["cases"]:
+        print(
+            f"   {c['log_lambda']:7.1f} {c['rel_tol']:6.0e} {c['ours_time']:8.3f} "
+            f"{c['ours_iters']:5d} {c['scipy_time']:8.3f} {c['scipy_iters']:5d} "
+            f"{c['time_ratio_scipy_over_ours']:.2f}"
+        )
+    targets = {}
+    ok = inner["median_time_ratio"] >= 1.0
+    targets["inner_lbfgs_at_least_as_fast_as_scipy"] = ok
+    print(
+        f"   median time ratio SciPy / ours = {inner['median_time_ratio']:.2f} "
+        f"(target >= 1): {'PASS' if ok else 'FAIL'}"
+    )
+
+    print(f"== part 2: methods on {args.dataset}, seeds {args.seeds}")
+    methods = bench_methods(args)
+    res["methods"] = methods
+    for mode, block in methods.items():
+        print(f"   mode={mode} (medians over seeds; times in s, outer steps only)")
+        print(
+            f"   {'method':<14} {'to 1%':>7} {'to 0.1%':>8} {'final loss':>11} "
+            f"{'total':>7} {'inner':>7} {'backward':>8}"
+        )
+        for m, s in block["median"].items():
+            print(
+                f"   {m:<14} {s['time_to_1pct']:7.3f} {s['time_to_0.1pct']:8.3f} "
+                f"{s['final_test_loss']:11.3f} {s['total_time']:7.3f} {s['inner_time']:7.3f} "
+                f"{s['backward_time']:8.3f}"
+            )
+        med = block["median"]
+        if "hoag" in med and "shine" in med:
+            speedup = med["hoag"]["time_to_1pct"] / med["shine"]["time_to_1pct"]
+            loss_ok = med["shine"]["final_test_loss"] <= med["hoag"]["final_test_loss"] * 1.001
+            block["speedup_hoag_over_shine_to_1pct"] = speedup
+            ok = speedup >= 2.0 and loss_ok
+            targets[f"shine_2x_faster_than_hoag_{mode}"] = bool(ok)
+            print(
+                f"   speed-up HOAG / SHINE to 1 % = {speedup:.2f} (target >= 2), final loss "
+                f"SHINE {med['shine']['final_test_loss']:.3f} vs HOAG "
+                f"{med['hoag']['final_test_loss']:.3f}: {'PASS' if ok else 'FAIL'}"
+            )
+    res["targets"] = targets
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    print(f"summary: {sum(targets.values())}/{len(targets)} targets met; numbers in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,473 @@
+"""Collection step: gather the runs of one paper artefact into one tidy CSV.
+
+    python scripts/collect.py ARTEFACT [--runs DIR ...] [--out experiments] [--include-incomplete]
+
+Finds every run directory (a directory holding ``config.yaml``) under the roots given by
+``--runs`` (default ``$SHINE_RUNS`` or ``runs``) whose config ``tags`` contain the artefact's
+tag, and writes ``<out>/<ARTEFACT>/runs.csv``: one row per (run, logged record), columns
+``artefact``, the identity columns read from ``config.yaml`` (bi-level: ``dataset, loss, method,
+seed``), the metric columns read from ``metrics.jsonl`` (bi-level: ``step, time, test_loss,
+outer_loss, log_lambda, inner_iters, inner_time, backward_time, backward_iters, rejected``) and
+``run_dir`` (relative to its root). Rules:
+
+* only complete runs (``summary.json`` present) unless ``--include-incomplete``;
+* unparsable ``metrics.jsonl`` lines (a run killed mid-write) are skipped with a warning;
+* list-valued metrics (``log_lambda``) keep their first component; a missing metric (the
+  ``outer_loss`` of step 0) is an empty cell;
+* two run directories with the same identity (e.g. a run and its ``.bak-<timestamp>`` copy):
+  the newest (``summary.json`` mtime, else ``metrics.jsonl`` mtime) is kept, with a warning;
+* rows sorted by the identity columns then ``step``; written atomically (tmp + replace), so the
+  same runs always give the same bytes.
+
+New artefacts (e.g. the DEQ ones) are one entry of :data:`ARTEFACTS`. Exit codes: 0 done, 2 no
+run found (the message names the command that produces the runs) or unknown artefact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger("collect")
+
+# identity of a bi-level run: column -> dotted config paths tried in order (first non-null wins)
+BILEVEL_IDENTITY: dict[str, tuple[str, ...]] = {
+    "dataset": ("task.dataset.name", "dataset.name"),
+    "loss": ("task.loss",),
+    "method": ("task.method_name", "task.method.name", "method.name"),
+    "seed": ("seed", "task.seed"),
+}
+BILEVEL_METRICS: tuple[str, ...] = (
+    "step",
+    "time",
+    "test_loss",
+    "outer_loss",
+    "log_lambda",
+    "inner_iters",
+    "inner_time",
+    "backward_time",
+    "backward_iters",
+    "rejected",
+)
+FIG1_SWEEP = "python train.py -m +sweep=fig1 [dataset=news20|real_sim|synthetic_news_small]"
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """How to collect one paper artefact.
+
+    Attributes:
+        tag: runs whose config ``tags`` contain it belong to the artefact.
+        produced_by: the command that produces the runs (quoted when none is found).
+        identity: column -> dotted ``config.yaml`` paths tried in order; together they identify
+            a run (duplicates share them) and, in this order, sort the rows.
+        metrics: keys of the ``metrics.jsonl`` records kept as columns, in order (list values:
+            first component; missing: empty cell).
+        require: keys a record must have to become a row (others are ignored).
+        unique_key: if set, records of one run repeating this key keep only the last one.
+        order: metric column sorting the rows of one run (after the identity columns).
+    """
+
+    tag: str
+    produced_by: str
+    identity: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: BILEVEL_IDENTITY)
+    metrics: tuple[str, ...] = BILEVEL_METRICS
+    require: tuple[str, ...] = ("step",)
+    unique_key: str | None = "step"
+    order: str | None = "step"
+
+    @property
+    def columns(self) -> list[str]:
+        """The CSV header."""
+        return ["artefact", *self.identity, *self.metrics, "run_dir"]
+
+
+ARTEFACTS: dict[str, Artefact] = {
+    "fig1": Artefact(tag="fig1", produced_by=FIG1_SWEEP),
+    "fig_e1": Artefact(tag="fig_e1", produced_by=FIG1_SWEEP),
+    "fig2_left": Artefact(
+        tag="fig2_left",
+        produced_by="python train.py -m +sweep=fig2_left [dataset=news20|synthetic_news_small]",
+    ),
+    "fig_e2": Artefact(
+        tag="fig_e2",
+        produced_by="python train.py -m +sweep=fig_e2 [dataset=news20|synthetic_news_small]",
+    ),
+}
+
+
+class CollectError(RuntimeError):
+    """Nothing to collect (no matching run) or an unknown artefact."""
+
+
+@dataclass
+class Run:
+    """One run directory of an artefact."""
+
+    path: Path
+    root: Path
+    config: dict[str, Any]
+    complete: bool
+
+    @property
+    def mtime(self) -> float:
+        """Modification time of ``summary.json`` (complete run) or of ``metrics.jsonl``."""
+        for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+            p = self.path / name
+            if p.is_file():
+                return p.stat().st_mtime
+        return 0.0
+
+    @property
+    def rel(self) -> str:
+        """The run directory relative to its root when possible (POSIX separators)."""
+        try:
+            return self.path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return self.path.as_posix()
+
+
+def get_artefact(name: str) -> Artefact:
+    """The registry entry of ``name``.
+
+    Raises:
+        CollectError: on an unknown name (the message lists the valid ones).
+    """
+    if name not in ARTEFACTS:
+        raise CollectError(f"unknown artefact {name!r}; valid: {', '.join(ARTEFACTS)}")
+    return ARTEFACTS[name]
+
+
+def default_roots() -> list[Path]:
+    """``[$SHINE_RUNS]`` or ``[runs]``."""
+    return [Path(os.environ.get("SHINE_RUNS", "runs"))]
+
+
+def lookup(config: Mapping[str, Any], paths: Sequence[str]) -> Any:
+    """The first non-null value of the dotted ``paths`` in ``config`` (``None`` if none)."""
+    for dotted in paths:
+        node: Any = config
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is not None:
+            return node
+    return None
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Directories under ``root`` (itself included) holding a ``config.yaml``, sorted.
+
+    A run directory is not searched further (its ``checkpoints/`` holds no run).
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        if "config.yaml" in filenames:
+            found.append(Path(dirpath))
+            dirnames[:] = []
+        else:
+            dirnames.sort()
+    return sorted(found)
+
+
+def load_config(path: Path) -> dict[str, Any] | None:
+    """The parsed ``config.yaml`` of a run directory, ``None`` (with a warning) if unreadable."""
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        logger.warning("skipping %s: unreadable config.yaml (%s)", path, err)
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def find_runs(
+    artefact: Artefact, roots: Iterable[Path], include_incomplete: bool = False
+) -> tuple[list[Run], int]:
+    """Runs tagged for ``artefact`` under ``roots``.
+
+    Returns:
+        ``(runs, n_incomplete_skipped)``; duplicates are not yet removed.
+    """
+    runs, n_skipped = [], 0
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            logger.warning("runs root %s does not exist", root)
+            continue
+        for path in find_run_dirs(root):
+            config = load_config(path)
+            if config is None:
+                continue
+            tags = config.get("tags") or []
+            if not isinstance(tags, list) or artefact.tag not in tags:
+                continue
+            complete = (path / "summary.json").is_file()
+            if not complete and not include_incomplete:
+                logger.info("skipping incomplete run %s (no summary.json)", path)
+                n_skipped += 1
+                continue
+            runs.append(Run(path=path, root=root, config=config, complete=complete))
+    return runs, n_skipped
+
+
+def identity_of(run: Run, artefact: Artefact) -> dict[str, Any]:
+    """The identity columns of a run (``seed`` as int when it is one)."""
+    ident = {col: lookup(run.config, paths) for col, paths in artefact.identity.items()}
+    if isinstance(ident.get("seed"), str) and ident["seed"].lstrip("-").isdigit():
+        ident["seed"] = int(ident["seed"])
+    return ident
+
+
+def _sort_key(values: Iterable[Any]) -> tuple:
+    """Order ``None`` < numbers < strings, so mixed columns still sort deterministically."""
+    key = []
+    for v in values:
+        if v is None:
+            key.append((0, 0, ""))
+        elif isinstance(v, bool | int | float):
+            key.append((1, float(v), ""))
+        else:
+            key.append((2, 0, str(v)))
+    return tuple(key)
+
+
+def deduplicate(runs: list[Run], artefact: Artefact) -> list[Run]:
+    """Keep one run per identity: the newest, warning about the others."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        ident = identity_of(run, artefact)
+        groups.setdefault(_sort_key(ident.values()), []).append(run)
+    kept = []
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda r: (r.mtime, r.path.as_posix()), reverse=True)
+        if len(group) > 1:
+            ident = identity_of(group[0], artefact)
+            logger.warning(
+                "%d runs for %s: keeping the newest %s, ignoring %s",
+                len(group),
+                ", ".join(f"{k}={v}" for k, v in ident.items()),
+                group[0].path,
+                ", ".join(str(r.path) for r in group[1:]),
+            )
+        kept.append(group[0])
+    return kept
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a ``metrics.jsonl``, skipping unparsable lines with a warning."""
+    if not path.is_file():
+        logger.warning("%s is missing: the run contributes no rows", path)
+        return []
+    records = []
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s:%d: unparsable line skipped (truncated run?)", path, lineno)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                logger.warning("%s:%d: not a JSON object, skipped", path, lineno)
+    return records
+
+
+def cell(value: Any) -> str:
+    """CSV text of a value: lists -> first component, ``None`` -> empty, floats -> repr."""
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)  # nan, inf, -inf
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def rows_of_run(run: Run, artefact: Artefact, name: str) -> list[dict[str, Any]]:
+    """The rows of one run (raw values, not yet formatted)."""
+    records = read_records(run.path / "metrics.jsonl")
+    records = [r for r in records if all(k in r for k in artefact.require)]
+    if artefact.unique_key is not None:
+        by_key: dict[Any, dict[str, Any]] = {}
+        for r in records:
+            k = cell(r.get(artefact.unique_key))
+            if k in by_key:
+                logger.warning(
+                    "%s: %s=%s logged twice, keeping the last", run.path, artefact.unique_key, k
+                )
+            by_key[k] = r
+        records = list(by_key.values())
+    ident = identity_of(run, artefact)
+    rows = []
+    for record in records:
+        row: dict[str, Any] = {"artefact": name, **ident}
+        for key in artefact.metrics:
+            value = record.get(key)
+            if isinstance(value, list | tuple):
+                value = value[0] if value else None
+            row[key] = value
+        row["run_dir"] = run.rel
+        rows.append(row)
+    return rows
+
+
+def build_rows(
+    name: str, roots: Iterable[Path] | None = None, include_incomplete: bool = False
+) -> list[dict[str, Any]]:
+    """All rows of artefact ``name``, deduplicated and sorted.
+
+    Raises:
+        CollectError: unknown artefact, or no (complete) run found.
+    """
+    artefact = get_artefact(name)
+    roots = [Path(r) for r in (roots or default_roots())]
+    runs, n_incomplete = find_runs(artefact, roots, include_incomplete)
+    where = ", ".join(str(r) for r in roots)
+    if not runs:
+        hint = (
+            f" ({n_incomplete} incomplete run(s) found: finish them, or pass --include-incomplete)"
+            if n_incomplete
+            else ""
+        )
+        raise CollectError(
+            f"no complete run tagged {artefact.tag!r} under {where}{hint}. "
+            f"Produce them with:\n    {artefact.produced_by}\n"
+            "(or point --runs / SHINE_RUNS at the directory holding them)"
+        )
+    if n_incomplete:
+        logger.warning(
+            "%d incomplete run(s) tagged %r skipped (no summary.json; --include-incomplete "
+            "keeps them)",
+            n_incomplete,
+            artefact.tag,
+        )
+    rows = [row for run in deduplicate(runs, artefact) for row in rows_of_run(run, artefact, name)]
+    sort_cols = [*artefact.identity, *([artefact.order] if artefact.order else [])]
+    rows.sort(key=lambda row: _sort_key(row.get(c) for c in sort_cols))
+    return rows
+
+
+def to_csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The CSV text (``\\n`` line endings) of ``rows``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per (dataset, loss, method): number of seeds and of rows."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = (row.get("dataset"), row.get("loss"), row.get("method"))
+        g = groups.setdefault(key, {"seeds": set(), "rows": 0})
+        g["seeds"].add(row.get("seed"))
+        g["rows"] += 1
+    lines = []
+    for key in sorted(groups, key=_sort_key):
+        dataset, loss, method = (cell(k) or "-" for k in key)
+        g = groups[key]
+        seeds = sorted(g["seeds"], key=lambda s: _sort_key([s]))
+        lines.append(
+            f"  {dataset:<22} {loss:<9} {method:<15} {len(seeds):>3} seeds "
+            f"({', '.join(cell(s) for s in seeds)}), {g['rows']} rows"
+        )
+    return lines
+
+
+def collect(
+    name: str,
+    roots: Iterable[Path] | None = None,
+    out: Path = Path("experiments"),
+    include_incomplete: bool = False,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Collect artefact ``name`` into ``<out>/<name>/runs.csv``.
+
+    Returns:
+        ``(path of the CSV, its rows)``.
+
+    Raises:
+        CollectError: unknown artefact, or no run found.
+    """
+    artefact = get_artefact(name)
+    rows = build_rows(name, roots, include_incomplete)
+    path = Path(out) / name / "runs.csv"
+    write_atomic(path, to_csv_text(rows, artefact.columns))
+    return path, rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        description="Collect the runs of one paper artefact into <out>/<artefact>/runs.csv.",
+    )
+    parser.add_argument("artefact", help=f"one of: {', '.join(ARTEFACTS)}")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="roots searched for run directories (default: $SHINE_RUNS or runs)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("experiments"), help="output root")
+    parser.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="also collect runs without summary.json (interrupted or still running)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log skipped runs too")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.artefact not in ARTEFACTS:
+        parser.error(f"unknown artefact {args.artefact!r}; valid: {', '.join(ARTEFACTS)}")
+    try:
+        path, rows = collect(args.artefact, args.runs, args.out, args.include_incomplete)
+    except CollectError as err:
+        print(f"collect.py: error: {err}", file=sys.stderr)
+        return 2
+    n_runs = len({row["run_dir"] for row in rows})
+    print(f"{args.artefact}: {n_runs} runs, {len(rows)} rows -> {path}")
+    for line in seed_summary(rows):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""Bi-level figures (paper Figures 1, E.1, 2 left, E.2) from a collected runs table.
+
+    python scripts/fig_bilevel.py ARTEFACT [--table experiments/<ARTEFACT>/runs.csv]
+        [--out figures] [--summary PATH] [--eps EPS] [--xmax SECONDS] [--datasets NAME ...]
+
+Reads the tidy table written by ``python scripts/collect.py ARTEFACT`` and applies the authors'
+plotting protocol (official-code notes §2.6): one panel per (dataset, loss) of the table; per
+seed, the suboptimality ``test_loss - best + eps`` where ``best`` is the lowest held-out loss of
+that seed over *all* methods of the table and all steps; per method and step index, the median
+over seeds (line) and a quantile band (10/90 % for fig1/fig_e1, 25/75 % for fig2_left/fig_e2)
+against the median over seeds of the cumulative ``time`` at that step; log-scale y.
+
+``eps`` (the paper's additive offset: 10 for Fig. 1/E.1 on losses ~1e2) defaults to
+``1e-2 x`` the median over seeds of ``best`` in each panel; ``--eps`` sets one absolute value.
+
+Writes one figure per artefact, one panel per dataset: ``<out>/<ARTEFACT>.{pdf,png}``, and
+``summary.csv`` next to the table (per dataset, loss and method: number of seeds, median final
+held-out loss, median time to come within 1 % and 0.1 % of the per-seed best, NaN when the
+median seed never does). Exit codes: 0 done, 2 missing table / nothing to plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from plot_style import figure, save
+
+logger = logging.getLogger("fig_bilevel")
+
+
+@dataclass(frozen=True)
+class MethodStyle:
+    """Legend label and line style of one method (the same in every figure)."""
+
+    label: str
+    color: str
+    marker: str
+    linestyle: str = "-"
+
+
+# Okabe-Ito colours; SHINE and Jacobian-Free match plot_style.COLORS
+METHOD_STYLES: dict[str, MethodStyle] = {
+    "hoag": MethodStyle("HOAG", "#000000", "o"),
+    "hoag_limited": MethodStyle("HOAG limited backward", "#000000", "v", "--"),
+    "shine": MethodStyle("SHINE (ours)", "#D55E00", "s"),
+    "shine_refine": MethodStyle("SHINE refine (ours)", "#E69F00", "D"),
+    "shine_opa": MethodStyle("SHINE-OPA (ours)", "#CC79A7", "^"),
+    "jacobian_free": MethodStyle("Jacobian-Free", "#0072B2", "P"),
+    "grid_search": MethodStyle("Grid search", "#009E73", "x", ":"),
+    "random_search": MethodStyle("Random search", "#56B4E9", "+", ":"),
+}
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """Methods (in legend order) and quantile band of one bi-level figure."""
+
+    methods: tuple[str, ...]
+    band: tuple[float, float]
+
+
+FIGURES: dict[str, FigureSpec] = {
+    "fig1": FigureSpec(
+        ("hoag", "shine", "shine_refine", "jacobian_free", "grid_search"), (0.10, 0.90)
+    ),
+    "fig_e1": FigureSpec(
+        (
+            "hoag",
+            "hoag_limited",
+            "shine",
+            "shine_refine",
+            "jacobian_free",
+            "grid_search",
+            "random_search",
+        ),
+        (0.10, 0.90),
+    ),
+    "fig2_left": FigureSpec(("hoag", "shine", "shine_opa"), (0.25, 0.75)),
+    "fig_e2": FigureSpec(
+        ("hoag", "shine", "shine_refine", "shine_opa", "jacobian_free"), (0.25, 0.75)
+    ),
+}
+
+# panel order (paper data first) and titles; other data sets follow alphabetically
+DATASET_LABELS = {
+    "news20": "20news",
+    "real_sim": "real-sim",
+    "synthetic_news": "synthetic 20news-like",
+    "synthetic_news_small": "synthetic 20news-like (small)",
+    "breast_cancer": "breast cancer",
+}
+TARGETS = {"1pct": 1e-2, "0p1pct": 1e-3}
+SUMMARY_COLUMNS = [
+    "artefact",
+    "dataset",
+    "loss",
+    "method",
+    "n_seeds",
+    "median_final_test_loss",
+    "median_best_test_loss",
+    "median_time_to_1pct",
+    "median_time_to_0p1pct",
+    "n_seeds_reaching_1pct",
+    "n_seeds_reaching_0p1pct",
+    "median_total_time",
+]
+
+Panel = tuple[str, str]  # (dataset, loss)
+
+
+class FigureError(RuntimeError):
+    """Missing table or nothing to plot."""
+
+
+def _float(text: str) -> float:
+    return float(text) if text not in ("", None) else math.nan
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``runs.csv`` with ``seed``/``step`` as int and ``time``/``test_loss`` as float.
+
+    Raises:
+        FigureError: if the file is missing or lacks a needed column.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FigureError(f"{path} not found")
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        needed = {"dataset", "method", "seed", "step", "time", "test_loss"}
+        missing = needed - set(reader.fieldnames or [])
+        if missing:
+            raise FigureError(f"{path} lacks the column(s) {sorted(missing)}")
+        rows = []
+        for raw in reader:
+            row: dict[str, Any] = dict(raw)
+            row["loss"] = raw.get("loss") or ""
+            row["seed"] = int(raw["seed"])
+            row["step"] = int(raw["step"])
+            row["time"] = _float(raw["time"])
+            row["test_loss"] = _float(raw["test_loss"])
+            rows.append(row)
+    return rows
+
+
+def panel_order(panels: Sequence[Panel], datasets: Sequence[str] | None = None) -> list[Panel]:
+    """Panels sorted paper data first (``datasets``, if given, selects and orders them)."""
+    if datasets:
+        return [p for d in datasets for p in sorted(panels) if p[0] == d]
+    known = list(DATASET_LABELS)
+    return sorted(
+        panels, key=lambda p: (known.index(p[0]) if p[0] in known else len(known), p[0], p[1])
+    )
+
+
+def group(rows: Sequence[dict[str, Any]]) -> dict[Panel, dict[str, dict[int, np.ndarray]]]:
+    """``{(dataset, loss): {method: {seed: array of (step, time, test_loss) by step}}}``."""
+    out: dict[Panel, dict[str, dict[int, list]]] = {}
+    for r in rows:
+        seeds = out.setdefault((r["dataset"], r["loss"]), {}).setdefault(r["method"], {})
+        seeds.setdefault(r["seed"], []).append((r["step"], r["time"], r["test_loss"]))
+    return {
+        panel: {
+            m: {s: np.array(sorted(v), float).reshape(-1, 3) for s, v in seeds.items()}
+            for m, seeds in methods.items()
+        }
+        for panel, methods in out.items()
+    }
+
+
+def best_per_seed(methods: dict[str, dict[int, np.ndarray]]) -> dict[int, float]:
+    """Lowest finite held-out loss of each seed over all methods and steps."""
+    best: dict[int, float] = {}
+    for seeds in methods.values():
+        for seed, arr in seeds.items():
+            finite = arr[np.isfinite(arr[:, 2]), 2]
+            if finite.size:
+                best[seed] = min(best.get(seed, math.inf), float(finite.min()))
+    return best
+
+
+def default_eps(best: dict[int, float]) -> float:
+    """``1e-2 x`` the median over seeds of the best loss (``1e-8`` if that is 0)."""
+    eps = 1e-2 * abs(float(np.median(list(best.values())))) if best else 1.0
+    return eps if eps > 0 else 1e-8
+
+
+def curve(
+    seeds: dict[int, np.ndarray], best: dict[int, float], eps: float, band: tuple[float, float]
+) -> dict[str, np.ndarray]:
+    """Median and quantile band over seeds of the suboptimality, per step index.
+
+    Returns:
+        ``{"step", "time", "median", "lo", "hi", "n"}``: one entry per step index logged by at
+        least one seed (``time`` = median over those seeds of the cumulative time).
+    """
+    by_step: dict[int, list[tuple[float, float]]] = {}
+    for seed, arr in seeds.items():
+        if seed not in best:
+            continue
+        for step, time, loss in arr:
+            if np.isfinite(loss):
+                by_step.setdefault(int(step), []).append((time, loss - best[seed] + eps))
+    steps = sorted(by_step)
+    res = {k: np.empty(len(steps)) for k in ("step", "time", "median", "lo", "hi", "n")}
+    for i, step in enumerate(steps):
+        values = np.array(by_step[step])
+        res["step"][i] = step
+        res["time"][i] = np.median(values[:, 0])
+        res["median"][i] = np.median(values[:, 1])
+        res["lo"][i], res["hi"][i] = np.quantile(values[:, 1], band)
+        res["n"][i] = len(values)
+    return res
+
+
+def time_to_target(arr: np.ndarray, best: float, rel: float) -> float:
+    """Time of the first step whose loss is within ``rel`` (relative) of ``best``; inf if never."""
+    threshold = best + rel * abs(best)
+    hit = np.flatnonzero(np.isfinite(arr[:, 2]) & (arr[:, 2] <= threshold))
+    return float(arr[hit[0], 1]) if hit.size else math.inf
+
+
+def _median_or_nan(values: Sequence[float]) -> float:
+    """Median with ``inf`` = never; NaN when the median seed never gets there (or no value)."""
+    if not values:
+        return math.nan
+    med = float(np.median(np.asarray(values, float)))
+    return med if math.isfinite(med) else math.nan
+
+
+def summarize(rows: Sequence[dict[str, Any]], artefact: str) -> list[dict[str, Any]]:
+    """Per (dataset, loss, method) of the artefact: the numbers of ``summary.csv``."""
+    spec = FIGURES[artefact]
+    grouped = group(rows)
+    out = []
+    for panel in panel_order(list(grouped)):
+        methods = grouped[panel]
+        best = best_per_seed(methods)
+        for method in spec.methods:
+            if method not in methods:
+                continue
+            seeds = {s: a for s, a in sorted(methods[method].items()) if s in best}
+            finals, bests, totals = [], [], []
+            reach: dict[str, list[float]] = {k: [] for k in TARGETS}
+            for seed, arr in seeds.items():
+                finite = arr[np.isfinite(arr[:, 2])]
+                if not finite.size:
+                    continue
+                finals.append(finite[-1, 2])
+                bests.append(best[seed])
+                totals.append(arr[-1, 1])
+                for key, rel in TARGETS.items():
+                    reach[key].append(time_to_target(arr, best[seed], rel))
+            row: dict[str, Any] = {
+                "artefact": artefact,
+                "dataset": panel[0],
+                "loss": panel[1],
+                "method": method,
+                "n_seeds": len(finals),
+                "median_final_test_loss": _median_or_nan(finals),
+                "median_best_test_loss": _median_or_nan(bests),
+                "median_total_time": _median_or_nan(totals),
+            }
+            for key in TARGETS:
+                row[f"median_time_to_{key}"] = _median_or_nan(reach[key])
+                row[f"n_seeds_reaching_{key}"] = sum(math.isfinite(t) for t in reach[key])
+            out.append(row)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_summary(summary: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write ``summary`` as CSV (atomically) and return ``path``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SUMMARY_COLUMNS)
+    for row in summary:
+        writer.writerow([_fmt(row[c]) for c in SUMMARY_COLUMNS])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def panel_title(panel: Panel) -> str:
+    """Readable panel title, e.g. ``20news`` or ``20news (NLS)``."""
+    dataset, loss = panel
+    title = DATASET_LABELS.get(dataset, dataset.replace("_", " "))
+    return f"{title} (NLS)" if loss == "nls" else title
+
+
+def plot(
+    rows: Sequence[dict[str, Any]],
+    artefact: str,
+    out_stem: Path,
+    eps: float | None = None,
+    xmax: float | None = None,
+    datasets: Sequence[str] | None = None,
+) -> list[Path]:
+    """Draw one panel per (dataset, loss) and save ``<out_stem>.{pdf,png}``.
+
+    Raises:
+        FigureError: if no panel has any method of the artefact.
+    """
+    spec = FIGURES[artefact]
+    grouped = group(rows)
+    panels = [
+        p for p in panel_order(list(grouped), datasets) if set(grouped[p]) & set(spec.methods)
+    ]
+    if not panels:
+        raise FigureError(
+            f"no run of the methods {', '.join(spec.methods)} in the table"
+            + (f" for the data sets {', '.join(datasets)}" if datasets else "")
+        )
+    fig, axes = figure(ncols=len(panels), height=2.4)
+    shown: list[str] = []
+    for ax, panel in zip(axes[0], panels, strict=True):
+        methods = grouped[panel]
+        best = best_per_seed(methods)
+        panel_eps = eps if eps is not None else default_eps(best)
+        for method in spec.methods:
+            if method not in methods:
+                logger.warning("%s: no run of %s for %s", artefact, method, panel_title(panel))
+                continue
+            c = curve(methods[method], best, panel_eps, spec.band)
+            style = METHOD_STYLES.get(method, MethodStyle(method, "0.5", "."))
+            ax.plot(
+                c["time"],
+                c["median"],
+                color=style.color,
+                linestyle=style.linestyle,
+                marker=style.marker,
+                markevery=max(1, len(c["time"]) // 8),
+                markersize=3,
+                linewidth=1.0,
+                label=style.label,
+            )
+            ax.fill_between(c["time"], c["lo"], c["hi"], color=style.color, alpha=0.15, lw=0)
+            if method not in shown:
+                shown.append(method)
+        ax.set_yscale("log")
+        ax.set_xlim(left=0, right=xmax)
+        ax.set_title(panel_title(panel))
+        ax.set_xlabel("time (s)")
+        ax.text(
+            0.97,
+            0.97,
+            rf"$\varepsilon$ = {panel_eps:.2g}",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize="x-small",
+        )
+    axes[0][0].set_ylabel(r"held-out loss $-$ best $+\ \varepsilon$")
+    handles, labels = [], []
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    order = [labels.index(METHOD_STYLES[m].label) for m in shown if m in METHOD_STYLES]
+    order += [i for i in range(len(labels)) if i not in order]
+    fig.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(labels), 4 if len(panels) > 1 else 2),
+        fontsize="small",
+    )
+    return save(fig, out_stem)
+
+
+def summary_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """Human-readable lines of the summary."""
+    lines = [
+        f"  {'dataset':<22} {'loss':<9} {'method':<15} {'seeds':>5} {'final loss':>11} "
+        f"{'t(1%) s':>9} {'t(0.1%) s':>9}"
+    ]
+    for r in summary:
+        lines.append(
+            f"  {r['dataset']:<22} {r['loss']:<9} {r['method']:<15} {r['n_seeds']:>5} "
+            f"{_fmt(r['median_final_test_loss']):>11} {_fmt(r['median_time_to_1pct']):>9} "
+            f"{_fmt(r['median_time_to_0p1pct']):>9}"
+        )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artefact", help=f"one of: {', '.join(FIGURES)}")
+    parser.add_argument(
+        "--table", type=Path, default=None, help="default: experiments/<artefact>/runs.csv"
+    )
+    parser.add_argument("--out", type=Path, default=Path("figures"), help="figure directory")
+    parser.add_argument(
+        "--summary", type=Path, default=None, help="default: summary.csv next to the table"
+    )
+    parser.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="additive offset of the suboptimality (default: 1e-2 x median per-seed best)",
+    )
+    parser.add_argument("--xmax", type=float, default=None, help="right end of the time axis")
+    parser.add_argument(
+        "--datasets", nargs="+", default=None, help="data sets to plot, in panel order"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.artefact not in FIGURES:
+        parser.error(f"unknown artefact {args.artefact!r}; valid: {', '.join(FIGURES)}")
+    table = args.table or Path("experiments") / args.artefact / "runs.csv"
+    try:
+        rows = read_table(table)
+        if args.datasets:
+            rows = [r for r in rows if r["dataset"] in args.datasets]
+        stem = args.out / args.artefact
+        paths = plot(rows, args.artefact, stem, args.eps, args.xmax, args.datasets)
+    except FigureError as err:
+        print(
+            f"fig_bilevel.py: error: {err}; produce the table with:\n"
+            f"    python scripts/collect.py {args.artefact}",
+            file=sys.stderr,
+        )
+        return 2
+    summary = summarize(rows, args.artefact)
+    summary_path = write_summary(summary, args.summary or table.parent / "summary.csv")
+    print(f"{args.artefact}: wrote {', '.join(str(p) for p in paths)} and {summary_path}")
+    for line in summary_lines(summary):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
