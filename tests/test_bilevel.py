@@ -340,3 +340,27 @@ def test_grid_and_random_search_candidates_and_best_so_far():
         ),
         rel=1e-3,
     )
+
+
+def test_robust_rejection_returns_to_the_accepted_point_and_recomputes_there():
+    problem = make_problem()
+
+    class Uphill:
+        """A wrong hypergradient (the exact one negated): every step goes uphill."""
+
+        def __call__(self, vjp, rhs, fwd, *, u0=None):
+            out = IFT(method="cg", max_iter=200, tol=1e-10)(vjp, rhs, fwd)
+            out.value = -out.value
+            return out
+
+    method = HOAG(backward=Uphill(), mode="robust", max_iter=4, lambda0=-2.0)
+    stepper = method.stepper(problem, torch.zeros(10, dtype=DT))
+    first = stepper.step()
+    accepted = stepper.accepted["lam"].clone()
+    second = stepper.step()  # evaluated uphill: rejected, back to the accepted point
+    assert not first["rejected"] and second["rejected"]
+    torch.testing.assert_close(stepper.lam, accepted)
+    eps = stepper.eps
+    third = stepper.step()  # re-solved there at the tighter tolerance, a fresh hypergradient
+    assert not third["rejected"] and third["backward_iters"] > 0
+    assert third["tolerance"] == pytest.approx(eps)

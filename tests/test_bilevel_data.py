@@ -446,3 +446,20 @@ def test_real_sim_missing_file_message(tmp_path):
     message = str(info.value)
     assert REAL_SIM_URL in message
     assert str(tmp_path / "real-sim.bz2") in message
+
+
+def test_zipf_columns_make_a_few_dense_columns_and_keep_the_uniform_recipe():
+    uniform = SyntheticNews(n_samples=400, n_features=300, nnz_per_row=10)
+    zipf = SyntheticNews(n_samples=400, n_features=300, nnz_per_row=10, zipf_exponent=1.0)
+    Xu, yu = uniform.load()
+    Xz, _ = zipf.load()
+    Xu0, yu0 = SyntheticNews(
+        n_samples=400, n_features=300, nnz_per_row=10, zipf_exponent=0.0
+    ).load()
+    assert (Xu != Xu0).nnz == 0 and np.array_equal(yu, yu0)
+    counts_u = np.sort(np.bincount(Xu.indices, minlength=300))[::-1]
+    counts_z = np.sort(np.bincount(Xz.indices, minlength=300))[::-1]
+    assert counts_z[0] > 5 * counts_u[0]  # the most frequent "word" is far more frequent
+    assert np.allclose(np.sqrt(Xz.multiply(Xz).sum(axis=1)).A1, 1.0)
+    with pytest.raises(ValueError, match="zipf_exponent"):
+        SyntheticNews(zipf_exponent=-1.0)

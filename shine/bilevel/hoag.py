@@ -26,8 +26,9 @@ Two step rules (:class:`HOAG` ``mode``):
   or else a second step as well; bounds ``[-12, 12]``.
 * ``"robust"`` fixes its quirks: one step of length ``1/L`` (capped by ``max_step``); the step
   is judged on the loss at the point it leads to, and a step that increases the outer loss beyond
-  the inexactness slack ``C ε |L|`` is undone (back to the last accepted ``λ`` and its
-  hypergradient, ``L ← 2L``, ``ε ← ε/2``); ``L ← 0.95 L`` only after a sufficient decrease.
+  the inexactness slack ``C ε |L|`` is undone (back to the last accepted ``λ``, ``L ← 2L``,
+  ``ε ← ε/2``, and the next iteration recomputes the hypergradient there at the tighter ``ε``);
+  ``L ← 0.95 L`` only after a sufficient decrease.
 
 The outer loop is a stepper (``start``, ``step``, ``state_dict``) driven by
 :class:`shine.training.Trainer`, which times it, logs it and checkpoints it.
@@ -306,8 +307,10 @@ class HOAGStepper:
         self.old_eps = self.eps
         self.g_old = math.inf
         self.iteration = 0
-        # robust mode: the last accepted point and its hypergradient
+        # robust mode: the last accepted point and its hypergradient, and after a rejection the
+        # outer loss of the point being re-evaluated
         self.accepted: dict[str, Any] | None = None
+        self.retry_g: float | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -337,6 +340,7 @@ class HOAGStepper:
             "g_old": self.g_old,
             "iteration": self.iteration,
             "accepted": self.accepted,
+            "retry_g": self.retry_g,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -361,6 +365,7 @@ class HOAGStepper:
         self.iteration = int(state["iteration"])
         acc = state["accepted"]
         self.accepted = None if acc is None else {k: dev(v) for k, v in acc.items()}
+        self.retry_g = state["retry_g"]
 
     # ------------------------------------------------------------------ pieces
     def log_lambda_list(self) -> list[float]:
@@ -508,27 +513,33 @@ class HOAGStepper:
         out: dict[str, Any] = {"rejected": False}
         slack = self.cfg.step_c * self.eps * abs(acc["g"]) if acc is not None else 0.0
         if acc is not None and g > acc["g"] + slack:
-            # the last step increased the outer loss: undo it, shorten the step, tighten ε
+            # the last step increased the outer loss: undo it, shorten the next step and tighten
+            # ε; the hypergradient at the accepted point is then recomputed at the tighter ε
+            # (an inexact hypergradient may point the wrong way: reusing it would fail forever)
             self.lipschitz = (self.lipschitz or 1.0) * 2.0
             self.eps = max(self.eps * 0.5, self.cfg.tolerance.floor)
             self.w = acc["w"].clone()
-            grad = acc["grad"]
-            base = acc["lam"]
+            self.lam = acc["lam"].clone()
+            self.old_lam = self.lam.clone()
+            self.accepted = None
+            self.retry_g = acc["g"]
             out.update(backward_time=0.0, backward_iters=0, backward_hvps=0, rejected=True)
-            out["hypergradient"] = [float(v) for v in grad.reshape(-1)]
             logger.info(
                 "HOAG(robust): step rejected at iteration %d (%.6g > %.6g)", it, g, acc["g"]
             )
-        else:
-            grad, bw = self._backward_metrics(lam, fwd)
-            out.update(bw)
-            if acc is not None and self.lipschitz is not None:
-                predicted = float(torch.dot(acc["grad"].reshape(-1), acc["grad"].reshape(-1)))
-                if acc["g"] - g >= self.cfg.step_c * predicted / self.lipschitz:
-                    self.lipschitz *= 0.95  # sufficient decrease: allow longer steps
-            self.accepted = {"lam": lam.clone(), "g": g, "grad": grad.clone(), "w": self.w.clone()}
-            base = lam
-            self.eps = self.cfg.tolerance.next(self.eps, it)
+            self.g_old = g
+            return out
+        grad, bw = self._backward_metrics(lam, fwd)
+        out.update(bw)
+        if acc is not None and self.lipschitz is not None:
+            predicted = float(torch.dot(acc["grad"].reshape(-1), acc["grad"].reshape(-1)))
+            if acc["g"] - g >= self.cfg.step_c * predicted / self.lipschitz:
+                self.lipschitz *= 0.95  # sufficient decrease: allow longer steps
+        # after a rejection the loss to beat stays the one of the accepted point
+        g_ref = min(g, self.retry_g) if self.retry_g is not None else g
+        self.retry_g = None
+        self.accepted = {"lam": lam.clone(), "g": g_ref, "grad": grad.clone(), "w": self.w.clone()}
+        self.eps = self.cfg.tolerance.next(self.eps, it)
         gnorm = float(torch.linalg.vector_norm(grad))
         if self.lipschitz is None:
             self.lipschitz = gnorm / math.sqrt(grad.numel()) if gnorm > 1e-3 else 1.0
@@ -536,7 +547,7 @@ class HOAGStepper:
         dnorm = float(torch.linalg.vector_norm(delta))
         if dnorm > self.cfg.max_step:
             delta = delta * (self.cfg.max_step / dnorm)
-        self.old_lam = base.clone()
-        self.lam = self._clip(base - delta)
+        self.old_lam = lam.clone()
+        self.lam = self._clip(lam - delta)
         self.g_old = g
         return out
