@@ -55,6 +55,8 @@ class Trainer:
 
     Attributes:
         checkpoint_every: checkpoint after every this many steps (and after the last).
+        evaluate_every: run the untimed evaluation after every this many steps (and after the
+            last, and for record 0); other records carry the step's metrics only.
         log_every: progress line every this many steps (0: about ten lines per run).
         max_steps: stop after this many steps even if the stepper is not finished (None: no
             limit).
@@ -63,9 +65,20 @@ class Trainer:
     """
 
     checkpoint_every: int = 1
+    evaluate_every: int = 1
     log_every: int = 0
     max_steps: int | None = None
     stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        """Validate.
+
+        Raises:
+            ValueError: on non-positive intervals.
+        """
+        for name in ("checkpoint_every", "evaluate_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def run(
         self,
@@ -113,8 +126,11 @@ class Trainer:
             timed += dt
             step += 1
             done_now += 1
-            run_dir.log_metrics(step, {**metrics, "time": timed, "step_time": dt, **evaluate()})
             last = stepper.finished or (self.max_steps is not None and step >= self.max_steps)
+            record = {**metrics, "time": timed, "step_time": dt}
+            if step % self.evaluate_every == 0 or last:
+                record.update(evaluate())
+            run_dir.log_metrics(step, record)
             if step % self.checkpoint_every == 0 or last:
                 run_dir.save_checkpoint(
                     {"stepper": stepper.state_dict(), "time": timed, "step": step}, step=step

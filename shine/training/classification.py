@@ -1,0 +1,252 @@
+"""Supervised image classification with an implicit model, as a stepper of the shared trainer.
+
+One step = one global batch: forward (the DEQ solve, or the unrolled weight-tied pass during the
+first ``pretrain_steps`` steps), cross-entropy, backward (the implicit backward strategy),
+optimizer and per-batch cosine schedule step. The data order of epoch ``e`` depends only on
+``(seed, e)`` (:func:`shine.data.images.make_loader`), so a run resumed at step ``k`` replays the
+same batches, and with the RNG state in the checkpoint (dropout masks, augmentation) it ends
+with the same metrics as an uninterrupted run.
+
+Logged per step: loss, batch accuracy, learning rate, whether the step was unrolled, forward
+solver steps and residual, backward time (the implicit correction alone, and the whole
+``loss.backward()``, synchronised on CUDA), backward iterations, the fallback fraction, and
+throughput; per evaluation (every epoch): test loss and top-1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shine.data.images import make_loader
+
+logger = logging.getLogger(__name__)
+
+#: ``params -> optimizer`` (e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``)
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ClassificationStepper:
+    """The training loop of a classifier, one global batch per :meth:`step`.
+
+    Args:
+        model: the classifier; ``model(x, unrolled=bool, targets=y)`` returns logits (see
+            :class:`shine.models.MDEQClassifier`); a model without the ``unrolled`` keyword is
+            called as ``model(x)``.
+        optimizer: the optimizer of ``model``'s parameters.
+        train_set: training dataset of ``(image, label)``.
+        test_set: evaluation dataset.
+        batch_size: global batch size (128 in the paper, whatever the number of processes).
+        epochs: number of epochs.
+        pretrain_steps: the first steps use the unrolled weight-tied model (MDEQ pretraining).
+        lr_min: final learning rate of the per-batch cosine schedule over all steps.
+        seed: seed of the data order and augmentations.
+        device: device of the computation.
+        dtype: dtype of the inputs (the model's parameters must match).
+        eval_batch_size: batch size of the evaluation.
+        eval_limit: evaluate on at most this many test batches (None: all).
+        num_workers: data loading workers.
+        rank: this process's rank (data sharding).
+        world_size: number of processes (per-process batch = ``batch_size / world_size``).
+        max_steps: stop after this many steps (None: ``epochs`` full epochs).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_set: Any,
+        test_set: Any,
+        *,
+        batch_size: int,
+        epochs: int,
+        pretrain_steps: int = 0,
+        lr_min: float = 1e-6,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        eval_batch_size: int | None = None,
+        eval_limit: int | None = None,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_steps: int | None = None,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by world_size {world_size}"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.train_set, self.test_set = train_set, test_set
+        self.batch_size, self.epochs = batch_size, epochs
+        self.pretrain_steps = pretrain_steps
+        self.seed = seed
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_limit = eval_limit
+        self.num_workers = num_workers
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = len(self._loader(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set ({len(train_set)} samples) is smaller than one batch "
+                f"({batch_size}); lower batch_size"
+            )
+        full = self.steps_per_epoch * epochs
+        self.total_steps = full if max_steps is None else min(full, max_steps)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(full, 1), eta_min=lr_min
+        )
+        self.step_index = 0
+        self._epoch_iter: tuple[int, Iterator[Any]] | None = None
+
+    # ------------------------------------------------------------------ data
+    def _loader(self, epoch: int, train: bool = True) -> Any:
+        return make_loader(
+            self.train_set if train else self.test_set,
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.seed,
+            epoch=epoch,
+            drop_last=train,
+            num_workers=self.num_workers,
+            rank=self.rank if train else 0,
+            world_size=self.world_size if train else 1,
+        )
+
+    def _next_batch(self) -> tuple[Tensor, Tensor]:
+        epoch, within = divmod(self.step_index, self.steps_per_epoch)
+        if self._epoch_iter is None or self._epoch_iter[0] != epoch:
+            it = iter(self._loader(epoch))
+            if within:  # resumed mid-epoch: replay the order, skipping the batches done
+                it = itertools.islice(it, within, None)
+            self._epoch_iter = (epoch, it)
+        x, y = next(self._epoch_iter[1])
+        return x.to(self.device, self.dtype), y.to(self.device)
+
+    # ------------------------------------------------------------------ stepper protocol
+    @property
+    def finished(self) -> bool:
+        """Whether all steps are done."""
+        return self.step_index >= self.total_steps
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epoch of the next step."""
+        return self.step_index / self.steps_per_epoch
+
+    def _forward(self, x: Tensor, y: Tensor, unrolled: bool) -> Tensor:
+        try:
+            return self.model(x, unrolled=unrolled, targets=y)
+        except TypeError:
+            return self.model(x)
+
+    def _core(self) -> Any:
+        return getattr(self.model, "module", self.model)
+
+    def step(self) -> dict[str, Any]:
+        """One optimisation step on the next global batch; returns its metrics."""
+        self.model.train()
+        x, y = self._next_batch()
+        unrolled = self.step_index < self.pretrain_steps
+        core = self._core()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        logits = self._forward(x, y, unrolled)
+        loss = F.cross_entropy(logits, y)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        self.scheduler.step()
+        _sync(self.device)
+        t3 = time.perf_counter()
+        self.step_index += 1
+        metrics: dict[str, Any] = {
+            "epoch": self.epoch,
+            "loss": float(loss.detach()),
+            "acc": float((logits.detach().argmax(-1) == y).double().mean()),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "unrolled": unrolled,
+            "forward_time": t1 - t0,
+            "backward_total_time": t2 - t1,
+            "samples_per_s": x.shape[0] * self.world_size / (t3 - t0),
+        }
+        fwd = getattr(core, "last_forward", None)
+        if not unrolled and fwd is not None:
+            metrics.update(
+                fwd_nstep=int(fwd.stats.nstep),
+                fwd_residual_max=float(fwd.stats.residual.max()),
+                fwd_converged_frac=float(fwd.stats.converged.double().mean()),
+            )
+            bwd = getattr(core, "last_backward", None)
+            if bwd is not None:
+                metrics["backward_time"] = float(getattr(core, "last_backward_time", 0.0) or 0.0)
+                metrics.update(bwd.stats.summary("bwd_"))
+        if self.device.type == "cuda":
+            metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if not math.isfinite(metrics["loss"]):
+            logger.warning("non-finite loss at step %d", self.step_index)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Test loss and top-1 accuracy (eval mode), with the epoch reached."""
+        self.model.eval()
+        total, correct, loss_sum = 0, 0, 0.0
+        batches = self._loader(0, train=False)
+        if self.eval_limit is not None:
+            batches = itertools.islice(batches, self.eval_limit)
+        for x, y in batches:
+            x, y = x.to(self.device, self.dtype), y.to(self.device)
+            logits = self._forward(x, y, self.step_index <= self.pretrain_steps)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            total += int(y.numel())
+        return {
+            "test_loss": loss_sum / max(total, 1),
+            "test_top1": 100.0 * correct / max(total, 1),
+            "epoch": self.epoch,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, schedule, step and RNG states (``weights_only`` loadable)."""
+        state = {
+            "model": self._core().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step_index": self.step_index,
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._core().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_index = int(state["step_index"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self._epoch_iter = None
