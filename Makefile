@@ -33,11 +33,16 @@ test: venv ## run the whole test suite, slow end-to-end tests included (~2 min o
 test-quick: venv ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: venv ## main job: OPA inversion study (paper Fig. 2 right) on CPU, then its figure
+demo: venv ## main job: SHINE vs HOAG vs JF (bi-level) and vs the original DEQ backward (digits), figures, summary
 	@start=$$(date +%s); \
+	$(PY) train.py -m +sweep=demo_bilevel && \
+	for m in original shine jacobian_free; do $(PY) train.py +experiment=digits_$$m || exit 1; done && \
 	$(PY) train.py +experiment=opa_inversion && \
+	$(PY) scripts/collect.py demo --out $(RUNS)/demo && \
+	$(PY) scripts/fig_bilevel.py demo --table $(RUNS)/demo/demo/runs.csv --out figures/demo && \
 	$(PY) scripts/fig_opa_inversion.py "$(OPA_RUN)" && \
-	echo "demo done in $$(( $$(date +%s) - start )) s: run in $(OPA_RUN), figure in figures/opa_inversion.{pdf,png}"
+	$(PY) scripts/demo_summary.py --runs $(RUNS) && \
+	echo "demo done in $$(( $$(date +%s) - start )) s: figures in figures/demo/ and figures/opa_inversion.{pdf,png}"
 
 $(BENCH_STAMP): pyproject.toml $(VENV_STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
