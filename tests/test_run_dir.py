@@ -167,3 +167,43 @@ def test_wandb_offline_mirrors_records_without_network(tmp_path, monkeypatch):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "no wandb event file written"
+
+
+def snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_read_only_follower_writes_nothing_and_keeps_its_snapshot(tmp_path):
+    # a non-main rank of a data-parallel run: resumes the writer's checkpoint, writes nothing
+    missing = RunDirectory(tmp_path / "none", read_only=True)
+    assert missing.start("a: 1\n") is None and not (tmp_path / "none").exists()
+
+    writer = RunDirectory(tmp_path / "run")
+    writer.start("a: 1\n")
+    for step in range(3):
+        writer.log_metrics(step, {"loss": float(step)})
+    writer.save_checkpoint({"w": torch.ones(2)}, step=1)
+    writer.log_metrics(3, {"loss": 3.0})
+    writer = RunDirectory(tmp_path / "run")
+    assert writer.start("a: 1\n")["w"].sum() == 2  # resumed: records after step 1 dropped
+
+    before = snapshot(tmp_path / "run")
+    follower = RunDirectory(tmp_path / "run", mirror=WandbMirror("disabled"), read_only=True)
+    state = follower.start("a: 2\n", overrides=["x=1"])
+    assert state["w"].sum() == 2 and follower.mirror is None
+    assert [r["step"] for r in follower.read_metrics()] == [0, 1]
+    record = follower.log_metrics(2, {"loss": 2.5})
+    assert record["step"] == 2 and record["loss"] == 2.5
+    with pytest.raises(ValueError, match="reserved"):
+        follower.log_metrics(3, {"wall_time": 1.0})
+    assert [r["step"] for r in follower.read_metrics()] == [0, 1, 2]
+    follower.save_checkpoint({"w": torch.zeros(2)}, step=2)
+    summary = follower.finish({"acc": 1.0})
+    assert summary["acc"] == 1.0 and summary["n_starts"] == 2 and summary["overrides"] == ["x=1"]
+    follower.close()
+    with pytest.raises(RuntimeError, match="read-only"):
+        follower.move_aside()
+    assert snapshot(tmp_path / "run") == before and not follower.is_complete()
+
+    writer.save_checkpoint({"w": torch.full((2,), 5.0)}, step=2)  # the writer moves on
+    assert follower.load_checkpoint()["w"].sum() == 2  # the follower keeps what it resumed from

@@ -5,6 +5,7 @@ configuration and hands it to the task, which logs metrics and checkpoints throu
 """
 
 from shine.runtime.devices import resolve_dtype
+from shine.runtime.distributed import DistInfo, detect_launch, init_distributed
 from shine.runtime.metrics import JsonlMetrics
 from shine.runtime.provenance import environment_info, git_state
 from shine.runtime.run_dir import RunDirectory
@@ -12,12 +13,15 @@ from shine.runtime.seeding import derived_seed, seed_everything
 from shine.runtime.wandb_mirror import WandbMirror
 
 __all__ = [
+    "DistInfo",
     "JsonlMetrics",
     "RunDirectory",
     "WandbMirror",
     "derived_seed",
+    "detect_launch",
     "environment_info",
     "git_state",
+    "init_distributed",
     "resolve_dtype",
     "seed_everything",
 ]

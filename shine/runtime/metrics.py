@@ -38,6 +38,18 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def make_record(step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One record, ``{"step": step, "wall_time": now, **metrics}`` made JSON-ready.
+
+    Raises:
+        ValueError: if ``metrics`` uses the reserved keys ``step`` or ``wall_time``.
+    """
+    reserved = {"step", "wall_time"} & set(metrics)
+    if reserved:
+        raise ValueError(f"metric names {sorted(reserved)} are reserved")
+    return {"step": int(step), "wall_time": time.time(), **to_jsonable(dict(metrics))}
+
+
 class JsonlMetrics:
     """The ``metrics.jsonl`` file of a run.
 
@@ -62,10 +74,7 @@ class JsonlMetrics:
         Raises:
             ValueError: if ``metrics`` uses the reserved keys ``step`` or ``wall_time``.
         """
-        reserved = {"step", "wall_time"} & set(metrics)
-        if reserved:
-            raise ValueError(f"metric names {sorted(reserved)} are reserved")
-        record = {"step": int(step), "wall_time": time.time(), **to_jsonable(dict(metrics))}
+        record = make_record(step, metrics)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -10,6 +10,10 @@ Layout of a run directory::
 A run that is interrupted (killed, pre-empted, requeued) is resumed by starting it again on the
 same directory: :meth:`RunDirectory.start` loads the checkpoint and drops the metric records
 written after the checkpointed step, so the resumed run appends exactly what is missing.
+
+In a multi-process (data-parallel) run, rank 0 owns the directory; the other ranks open it with
+``read_only=True`` (a *follower*): it loads the checkpoint to resume from but never writes (see
+:class:`RunDirectory`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch
 
-from shine.runtime.metrics import JsonlMetrics, to_jsonable
+from shine.runtime.metrics import JsonlMetrics, make_record, to_jsonable
 from shine.runtime.provenance import environment_info, git_state
 from shine.runtime.wandb_mirror import WandbMirror
 
@@ -64,6 +68,15 @@ class RunDirectory:
     Args:
         path: the directory (created by :meth:`start` if needed).
         mirror: optional :class:`WandbMirror` receiving a copy of every record.
+        read_only: a follower of the directory, for the non-main ranks of a multi-process run:
+            nothing is created, written, truncated, moved or mirrored. :meth:`start` loads the
+            checkpoint (and the metric records up to its step) once; :meth:`load_checkpoint`
+            returns that snapshot, so the follower resumes from exactly the checkpoint its
+            rank-0 writer resumed from if it starts after the writer's :meth:`start` and before
+            the writer saves the next checkpoint (``train.py`` orders them with barriers).
+            :meth:`log_metrics` keeps the records in memory (:meth:`read_metrics` returns the
+            snapshot plus them), :meth:`save_checkpoint`, :meth:`finish` and :meth:`close` write
+            nothing (:meth:`finish` still returns the summary it would have written).
     """
 
     CONFIG = "config.yaml"
@@ -71,10 +84,19 @@ class RunDirectory:
     SUMMARY = "summary.json"
     CHECKPOINT = "checkpoints/last.pt"
 
-    def __init__(self, path: str | os.PathLike[str], mirror: WandbMirror | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mirror: WandbMirror | None = None,
+        *,
+        read_only: bool = False,
+    ) -> None:
         self.path = Path(path)
-        self.mirror = mirror
+        self.read_only = read_only
+        self.mirror = None if read_only else mirror
         self.metrics = JsonlMetrics(self.path / self.METRICS)
+        # follower snapshot, set by start(): (checkpoint state, metric records)
+        self._snapshot: tuple[dict[str, Any] | None, list[dict[str, Any]]] | None = None
         self._t0: float | None = None
         self._elapsed_before = 0.0
         self._started_at: str | None = None
@@ -118,7 +140,10 @@ class RunDirectory:
 
         Raises:
             FileNotFoundError: if the directory does not exist.
+            RuntimeError: on a read-only directory.
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.path} is open read-only; only its writer moves it aside")
         if not self.path.exists():
             raise FileNotFoundError(self.path)
         stem = f"{self.path.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -143,7 +168,8 @@ class RunDirectory:
         """Begin (or resume) the run.
 
         Writes ``config.yaml``, loads the checkpoint if there is one, truncates ``metrics.jsonl``
-        to the checkpointed step (to nothing on a fresh start) and starts the mirror.
+        to the checkpointed step (to nothing on a fresh start) and starts the mirror. Read-only:
+        only loads the checkpoint and the records up to its step (see the class docstring).
 
         Args:
             config_yaml: the resolved configuration as YAML text.
@@ -161,6 +187,8 @@ class RunDirectory:
             raise RuntimeError(
                 f"{self.path} holds a complete run (summary.json); move it aside to rerun it"
             )
+        if self.read_only:
+            return self._start_follower(overrides)
         self.path.mkdir(parents=True, exist_ok=True)
         self._warn_on_config_change(config_yaml)
         _atomic_write_text(self.config_path, config_yaml)
@@ -184,20 +212,50 @@ class RunDirectory:
             self.mirror.start(self.path, config)
         return state
 
+    def _start_follower(self, overrides: Sequence[str]) -> dict[str, Any] | None:
+        self._overrides = list(overrides)
+        self._t0 = time.perf_counter()
+        payload = self._load_payload()
+        last = None if payload is None else int(payload["step"])
+        records = [r for r in self.metrics.read() if last is not None and int(r["step"]) <= last]
+        if payload is None:
+            self._started_at, self._elapsed_before, self._n_starts = _now_iso(), 0.0, 1
+            state = None
+        else:
+            self._started_at = payload["started_at"]
+            self._elapsed_before = float(payload["elapsed_s"])
+            self._n_starts = int(payload["n_starts"]) + 1
+            state = payload["state"]
+        self._snapshot = (state, records)
+        return state
+
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Append one record to ``metrics.jsonl`` (and to the mirror); return the record.
+
+        Read-only: the record is kept in memory only.
 
         Args:
             step: the step the record belongs to (records may share a step).
             metrics: JSON-serialisable values (see :meth:`JsonlMetrics.append`).
         """
+        if self.read_only:
+            record = make_record(step, metrics)
+            if self._snapshot is not None:
+                self._snapshot[1].append(record)
+            return record
         record = self.metrics.append(step, metrics)
         if self.mirror is not None:
             self.mirror.log(record)
         return record
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """All records of ``metrics.jsonl`` in order."""
+        """All records of ``metrics.jsonl`` in order.
+
+        Read-only after :meth:`start`: the records up to the loaded checkpoint's step, then those
+        logged by this process.
+        """
+        if self.read_only and self._snapshot is not None:
+            return list(self._snapshot[1])
         return self.metrics.read()
 
     def elapsed(self) -> float:
@@ -219,8 +277,10 @@ class RunDirectory:
                 larger step are dropped.
 
         Returns:
-            The checkpoint path.
+            The checkpoint path (read-only: nothing is written).
         """
+        if self.read_only:
+            return self.checkpoint_path
         payload = {
             "step": int(step),
             "state": dict(state),
@@ -248,11 +308,13 @@ class RunDirectory:
         """Return the task state of the last checkpoint, or ``None`` if there is none.
 
         Loads with ``torch.load(..., weights_only=True)`` onto the CPU; move tensors to the
-        device yourself.
+        device yourself. Read-only after :meth:`start`: the state loaded by :meth:`start`.
 
         Raises:
             pickle.UnpicklingError: if the file holds objects other than plain data.
         """
+        if self.read_only and self._snapshot is not None:
+            return self._snapshot[0]
         payload = self._load_payload()
         return None if payload is None else payload["state"]
 
@@ -261,6 +323,8 @@ class RunDirectory:
         self, metrics: Mapping[str, Any], *, source_dir: str | os.PathLike[str] | None = None
     ) -> dict[str, Any]:
         """Write ``summary.json`` (which marks the run complete) and close the mirror.
+
+        Read-only: writes nothing and returns the summary.
 
         Args:
             metrics: the final metrics of the run.
@@ -292,6 +356,8 @@ class RunDirectory:
         if clash:
             raise ValueError(f"metric names {clash} are reserved in summary.json; rename them")
         summary = {**final, **info}
+        if self.read_only:
+            return summary
         _atomic_write_text(self.summary_path, json.dumps(summary, indent=2) + "\n")
         if self.mirror is not None:
             self.mirror.finish(final)

@@ -4,6 +4,15 @@ One run = one (data set, backward method, seed): the model (an MDEQ with the for
 the backward strategy of the run) is trained by the shared :class:`shine.training.Trainer` with
 :class:`shine.training.classification.ClassificationStepper` — unrolled weight-tied pretraining
 for ``pretrain_steps`` batches, then equilibrium training — and evaluated after every epoch.
+
+Data parallelism: launched as several processes (``torchrun --nproc_per_node=G train.py ...`` or
+one ``srun`` task per GPU, see :mod:`shine.runtime.distributed`), each process joins the process
+group, builds the same model (same seed; ``DistributedDataParallel`` also broadcasts rank 0's
+parameters) and trains on its share of every global batch of ``batch_size`` samples; the run is
+then the single-process run on the same global batches, up to rounding, except that BatchNorm
+statistics are per process (see :mod:`shine.training.classification`). Every rank evaluates a
+shard of the test set; only rank 0 writes the run directory (``train.py`` gives the others a
+read-only one).
 """
 
 from __future__ import annotations
@@ -14,8 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from shine.runtime.devices import resolve_dtype
+from shine.runtime.distributed import DistInfo, detect_launch, init_distributed
 from shine.runtime.run_dir import RunDirectory
 from shine.training.classification import ClassificationStepper, OptimizerFactory
 from shine.training.trainer import Trainer
@@ -49,6 +60,11 @@ class ImageClassification:
         num_workers: data loading workers.
         max_steps: stop after this many steps (smoke runs).
         trainer: the shared trainer (checkpoint interval, progress).
+        distributed: data parallelism over the processes of a multi-process launch (see the
+            module docstring); ``None``: on when the environment describes more than one
+            process (``WORLD_SIZE`` of torchrun, an srun step of several tasks) or a process
+            group of several ranks exists; ``False``: every process trains alone on the whole
+            batch (debugging only).
     """
 
     data: Any
@@ -71,25 +87,51 @@ class ImageClassification:
     num_workers: int = 0
     max_steps: int | None = None
     trainer: Trainer = field(default_factory=lambda: Trainer(checkpoint_every=50))
+    distributed: bool | None = None
+
+    def distributed_info(self) -> DistInfo:
+        """Join the process group if this run is data-parallel; this process's place in it."""
+        use = self.distributed
+        if use is None:
+            use = detect_launch().world_size > 1 or (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1
+            )
+        return init_distributed() if use else DistInfo()
 
     def build(self) -> ClassificationStepper:
-        """The model, optimizer and data of this run, as a fresh stepper."""
+        """The model, optimizer and data of this run, as a fresh stepper.
+
+        In a data-parallel run (see :meth:`distributed_info`) the model is wrapped in
+        ``DistributedDataParallel`` and the stepper gets this process's rank.
+        """
         from shine.models import MDEQClassifier
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device=cuda but no CUDA device is available; use device=cpu")
+        info = self.distributed_info()
+        parallel = info.world_size > 1
+        device = self.device
+        if parallel and device.startswith("cuda"):
+            device = f"cuda:{torch.cuda.current_device()}"  # set from the local rank
         dtype = resolve_dtype(self.dtype)
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed)  # the same initialisation on every rank
         train_set, test_set = self.data.build()
         model = MDEQClassifier(
             self.model,
             self.solver,
             self.backward,
             eval_solver=self.eval_solver,
-            device=torch.device(self.device),
+            device=torch.device(device),
             dtype=dtype,
         )
         optimizer = self.optimizer(model.parameters())
+        net: torch.nn.Module = model
+        if parallel:
+            # broadcasts rank 0's parameters and buffers; averages the gradients in backward
+            device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+            net = DistributedDataParallel(model, device_ids=device_ids)
         logger.info(
             "%s on %s: %d train / %d test images, state dim %d, %d parameters",
             self.method_name,
@@ -99,8 +141,14 @@ class ImageClassification:
             model.state_dim,
             sum(p.numel() for p in model.parameters()),
         )
+        if parallel:
+            logger.info(
+                "data parallel over %d processes: %d samples per process and step",
+                info.world_size,
+                self.batch_size // info.world_size,
+            )
         return ClassificationStepper(
-            model,
+            net,
             optimizer,
             train_set,
             test_set,
@@ -109,11 +157,13 @@ class ImageClassification:
             pretrain_steps=self.pretrain_steps,
             lr_min=self.lr_min,
             seed=self.seed,
-            device=self.device,
+            device=device,
             dtype=dtype,
             eval_batch_size=self.eval_batch_size,
             eval_limit=self.eval_limit,
             num_workers=self.num_workers,
+            rank=info.rank,
+            world_size=info.world_size,
             max_steps=self.max_steps,
         )
 

@@ -11,10 +11,23 @@ Logged per step: loss, batch accuracy, learning rate, whether the step was unrol
 solver steps and residual, backward time (the implicit correction alone, and the whole
 ``loss.backward()``, synchronised on CUDA), backward iterations, the fallback fraction, and
 throughput; per evaluation (every epoch): test loss and top-1.
+
+Data parallelism (``world_size > 1``, the model wrapped in ``DistributedDataParallel`` by the
+caller, a default process group initialised): every rank takes its ``batch_size / world_size``
+share of each global batch, DDP averages the gradients, so a step is the single-process step on
+the global batch (with BatchNorm, the batch statistics are those of the rank's share, as in the
+authors' ``nn.DataParallel`` runs). The logged ``loss``, ``acc`` and the fractions
+``fwd_converged_frac``/``bwd_fallback_frac`` are averaged over the ranks; the other solver
+statistics and the timings are the rank's own. Dropout masks are drawn from a generator seeded
+with ``(seed, step, rank)``, so ranks differ and a resumed run draws the same masks. The
+evaluation is sharded: rank ``r`` evaluates the test batches ``r, r + world_size, ...`` (each
+batch exactly as in one process) on the unwrapped model and the sums are all-reduced, so every
+rank returns the single-process metrics (up to the order of the float summation).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import math
@@ -26,12 +39,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shine.data.images import make_loader
+from shine.data.images import SeededItems, make_loader, seed_worker
+from shine.runtime.distributed import all_reduce_mean, all_reduce_sum
+from shine.runtime.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 
 #: ``params -> optimizer`` (e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``)
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+#: step metrics averaged over the ranks of a data-parallel run
+RANK_MEAN_METRICS = ("loss", "acc", "fwd_converged_frac", "bwd_fallback_frac")
+#: stream of the per-(step, rank) dropout generators, distinct from the data streams
+_DROPOUT_STREAM = 3
 
 
 def _sync(device: torch.device) -> None:
@@ -60,7 +80,8 @@ class ClassificationStepper:
         eval_limit: evaluate on at most this many test batches (None: all).
         num_workers: data loading workers.
         rank: this process's rank (data sharding).
-        world_size: number of processes (per-process batch = ``batch_size / world_size``).
+        world_size: number of processes (per-process batch = ``batch_size / world_size``); see
+            the module docstring for what changes with more than one.
         max_steps: stop after this many steps (None: ``epochs`` full epochs).
     """
 
@@ -101,6 +122,8 @@ class ClassificationStepper:
         self.eval_limit = eval_limit
         self.num_workers = num_workers
         self.rank, self.world_size = rank, world_size
+        forward = inspect.signature(self._core().forward).parameters
+        self._takes_generator = "generator" in forward
         self.steps_per_epoch = len(self._loader(0))
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -150,11 +173,39 @@ class ClassificationStepper:
         """Fractional epoch of the next step."""
         return self.step_index / self.steps_per_epoch
 
-    def _forward(self, x: Tensor, y: Tensor, unrolled: bool) -> Tensor:
+    def _forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        unrolled: bool,
+        model: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        model = self.model if model is None else model
+        kwargs: dict[str, Any] = {"unrolled": unrolled, "targets": y}
+        if generator is not None and self._takes_generator:
+            kwargs["generator"] = generator
         try:
-            return self.model(x, unrolled=unrolled, targets=y)
+            return model(x, **kwargs)
         except TypeError:
-            return self.model(x)
+            return model(x)
+
+    def _dropout_generator(self) -> torch.Generator | None:
+        """Per-(step, rank) generator of the dropout masks in a data-parallel run (else None)."""
+        if self.world_size == 1:
+            return None
+        seed = derived_seed(self.seed, _DROPOUT_STREAM, self.step_index, self.rank)
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def _average_over_ranks(self, metrics: dict[str, Any]) -> None:
+        """Replace the :data:`RANK_MEAN_METRICS` by their mean over the ranks (a collective)."""
+        if self.world_size == 1:
+            return
+        # a fixed vector (NaN for absent keys) so that every rank reduces the same shape
+        values = {k: float(metrics.get(k, math.nan)) for k in RANK_MEAN_METRICS}
+        for key, value in all_reduce_mean(values).items():
+            if key in metrics:
+                metrics[key] = value
 
     def _core(self) -> Any:
         return getattr(self.model, "module", self.model)
@@ -167,7 +218,7 @@ class ClassificationStepper:
         core = self._core()
         _sync(self.device)
         t0 = time.perf_counter()
-        logits = self._forward(x, y, unrolled)
+        logits = self._forward(x, y, unrolled, generator=self._dropout_generator())
         loss = F.cross_entropy(logits, y)
         _sync(self.device)
         t1 = time.perf_counter()
@@ -203,24 +254,52 @@ class ClassificationStepper:
                 metrics.update(bwd.stats.summary("bwd_"))
         if self.device.type == "cuda":
             metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._average_over_ranks(metrics)
         if not math.isfinite(metrics["loss"]):
             logger.warning("non-finite loss at step %d", self.step_index)
         return metrics
 
+    def _eval_batches(self) -> Any:
+        """This rank's test batches: all of them, or every ``world_size``-th from ``rank``."""
+        if self.world_size == 1:
+            batches = self._loader(0, train=False)
+            if self.eval_limit is not None:
+                batches = itertools.islice(batches, self.eval_limit)
+            return batches
+        n, size = len(self.test_set), self.eval_batch_size
+        count = math.ceil(n / size)
+        if self.eval_limit is not None:
+            count = min(count, self.eval_limit)
+        mine = [
+            list(range(k * size, min(n, (k + 1) * size)))
+            for k in range(self.rank, count, self.world_size)
+        ]
+        # the items of make_loader(test_set, ...) at epoch 0, without loading the other batches
+        return torch.utils.data.DataLoader(
+            SeededItems(self.test_set, self.seed, 0),
+            batch_sampler=mine,
+            num_workers=self.num_workers,
+            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+        )
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Test loss and top-1 accuracy (eval mode), with the epoch reached."""
-        self.model.eval()
+        """Test loss and top-1 accuracy (eval mode), with the epoch reached.
+
+        In a data-parallel run this is a collective (sharded, then summed over the ranks).
+        """
+        core = self._core()
+        core.eval()
         total, correct, loss_sum = 0, 0, 0.0
-        batches = self._loader(0, train=False)
-        if self.eval_limit is not None:
-            batches = itertools.islice(batches, self.eval_limit)
-        for x, y in batches:
+        for x, y in self._eval_batches():
             x, y = x.to(self.device, self.dtype), y.to(self.device)
-            logits = self._forward(x, y, self.step_index <= self.pretrain_steps)
+            logits = self._forward(x, y, self.step_index <= self.pretrain_steps, model=core)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
             total += int(y.numel())
+        if self.world_size > 1:
+            sums = all_reduce_sum({"loss": loss_sum, "correct": correct, "total": total})
+            loss_sum, correct, total = sums["loss"], round(sums["correct"]), round(sums["total"])
         return {
             "test_loss": loss_sum / max(total, 1),
             "test_top1": 100.0 * correct / max(total, 1),
