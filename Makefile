@@ -27,11 +27,11 @@ $(VENV_STAMP): pyproject.toml
 
 venv: $(VENV_STAMP) ## create or update .venv (pip install -e ".[dev]"; no-op when up to date)
 
-test: venv ## run the whole test suite, slow end-to-end tests included (~2 min on 2 cores)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: venv ## run the whole test suite, slow end-to-end tests included (~5 min on 2 cores; one OpenMP thread per process)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 test-quick: venv ## run the tests not marked slow
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: venv ## main job: SHINE vs HOAG vs JF (bi-level) and vs the original DEQ backward (digits), figures, summary
 	@start=$$(date +%s); \

@@ -19,8 +19,13 @@ outer_loss, log_lambda, inner_iters, inner_time, backward_time, backward_iters, 
 * rows sorted by the identity columns then ``step``; written atomically (tmp + replace), so the
   same runs always give the same bytes.
 
-New artefacts (e.g. the DEQ ones) are one entry of :data:`ARTEFACTS`. Exit codes: 0 done, 2 no
-run found (the message names the command that produces the runs) or unknown artefact.
+New artefacts are one entry of :data:`ARTEFACTS`. The DEQ artefacts (``fig3``, ``table_e1``,
+``table_e2``, ``table_e3``, ``fig_e3``) build their rows with a function of the run directory
+(``Artefact.rows_fn``, see ``scripts/deq_results.py``): one row per training run (from its
+``metrics.jsonl``: final top-1, median forward / backward ms, equilibrium epoch time), per timed
+method, per contractivity run or per (batch, method) of the inversion study; duplicate rows (same
+identity, e.g. a run launched alone and again in a sweep) keep the newest run's. Exit codes: 0
+done, 2 no run found (the message names the command that produces the runs) or unknown artefact.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deq_results  # noqa: E402  (scripts/ is not a package)
 
 logger = logging.getLogger("collect")
 
@@ -78,6 +86,10 @@ class Artefact:
         require: keys a record must have to become a row (others are ignored).
         unique_key: if set, records of one run repeating this key keep only the last one.
         order: metric column sorting the rows of one run (after the identity columns).
+        extra_tags: runs tagged with one of these belong to the artefact too.
+        rows_fn: ``(run directory, config) -> rows`` replacing the per-record rows (identity
+            columns then come from the rows, not from ``identity``'s config paths, and
+            duplicates are removed per row).
     """
 
     tag: str
@@ -87,11 +99,67 @@ class Artefact:
     require: tuple[str, ...] = ("step",)
     unique_key: str | None = "step"
     order: str | None = "step"
+    extra_tags: tuple[str, ...] = ()
+    rows_fn: Callable[[Path, Mapping[str, Any]], list[dict[str, Any]]] | None = None
 
     @property
     def columns(self) -> list[str]:
         """The CSV header."""
         return ["artefact", *self.identity, *self.metrics, "run_dir"]
+
+
+def deq_artefacts() -> dict[str, Artefact]:
+    """The DEQ artefacts (rows built by ``scripts/deq_results.py``)."""
+    train = (
+        "python train.py -m +sweep=fig3_digits && python train.py -m +sweep=fig3_digits_refine "
+        "(cifar/imagenet: fig3_cifar[_refine], fig3_imagenet[_refine]); or single runs "
+        "python train.py +experiment=digits_METHOD"
+    )
+    deq = {
+        "identity": {c: () for c in deq_results.DEQ_IDENTITY},
+        "metrics": deq_results.DEQ_METRICS,
+        "rows_fn": deq_results.deq_rows,
+        "require": (),
+        "unique_key": None,
+        "order": None,
+    }
+    return {
+        "fig3": Artefact(tag="deq", produced_by=train, **deq),
+        "table_e3": Artefact(
+            tag="deq",
+            produced_by="python train.py -m +sweep=table_e3_digits (table_e3_cifar on GPUs), "
+            "with the runs of fig3 (original, Jacobian-Free, SHINE)",
+            **deq,
+        ),
+        "table_e2": Artefact(
+            tag="table_e2",
+            extra_tags=("deq",),
+            produced_by="python train.py +experiment=digits_timing (cifar_timing, "
+            "imagenet_timing on a GPU), plus the training runs of fig3 for the epoch times",
+            **deq,
+        ),
+        "table_e1": Artefact(
+            tag="table_e1",
+            produced_by="python train.py -m +experiment=digits_contractivity "
+            "task.method_name=original,jacobian_free,shine",
+            identity={c: () for c in deq_results.E1_IDENTITY},
+            metrics=deq_results.E1_METRICS,
+            rows_fn=deq_results.contractivity_rows,
+            require=(),
+            unique_key=None,
+            order=None,
+        ),
+        "fig_e3": Artefact(
+            tag="fig_e3",
+            produced_by="python train.py +experiment=digits_opa_inversion_deq",
+            identity={c: () for c in deq_results.E3_IDENTITY},
+            metrics=deq_results.E3_METRICS,
+            rows_fn=deq_results.inversion_rows,
+            require=(),
+            unique_key=None,
+            order="batch",
+        ),
+    }
 
 
 ARTEFACTS: dict[str, Artefact] = {
@@ -105,6 +173,8 @@ ARTEFACTS: dict[str, Artefact] = {
         tag="fig_e2",
         produced_by="python train.py -m +sweep=fig_e2 [dataset=news20|synthetic_news_small]",
     ),
+    "demo": Artefact(tag="demo", produced_by="python train.py -m +sweep=demo_bilevel"),
+    **deq_artefacts(),
 }
 
 
@@ -213,7 +283,8 @@ def find_runs(
             if config is None:
                 continue
             tags = config.get("tags") or []
-            if not isinstance(tags, list) or artefact.tag not in tags:
+            wanted = (artefact.tag, *artefact.extra_tags)
+            if not isinstance(tags, list) or not any(t in tags for t in wanted):
                 continue
             complete = (path / "summary.json").is_file()
             if not complete and not include_incomplete:
@@ -332,6 +403,26 @@ def rows_of_run(run: Run, artefact: Artefact, name: str) -> list[dict[str, Any]]
     return rows
 
 
+def custom_rows(runs: list[Run], artefact: Artefact, name: str) -> list[dict[str, Any]]:
+    """Rows of ``artefact.rows_fn`` over ``runs``; of duplicate rows the newest run's is kept."""
+    assert artefact.rows_fn is not None
+    key_cols = [*artefact.identity, *([artefact.order] if artefact.order else [])]
+    kept: dict[tuple, tuple[Run, dict[str, Any]]] = {}
+    for run in sorted(runs, key=lambda r: (r.mtime, r.path.as_posix())):
+        for row in artefact.rows_fn(run.path, run.config):
+            row = {"artefact": name, **row, "run_dir": run.rel}
+            key = _sort_key(cell(row.get(c)) for c in key_cols)
+            if key in kept and kept[key][0] is not run:
+                logger.warning(
+                    "%s: duplicate of %s (%s), keeping the newer run",
+                    run.path,
+                    kept[key][0].path,
+                    ", ".join(f"{c}={cell(row.get(c))}" for c in key_cols),
+                )
+            kept[key] = (run, row)
+    return [row for _, row in kept.values()]
+
+
 def build_rows(
     name: str, roots: Iterable[Path] | None = None, include_incomplete: bool = False
 ) -> list[dict[str, Any]]:
@@ -362,7 +453,12 @@ def build_rows(
             n_incomplete,
             artefact.tag,
         )
-    rows = [row for run in deduplicate(runs, artefact) for row in rows_of_run(run, artefact, name)]
+    if artefact.rows_fn is not None:
+        rows = custom_rows(runs, artefact, name)
+    else:
+        rows = [
+            row for run in deduplicate(runs, artefact) for row in rows_of_run(run, artefact, name)
+        ]
     sort_cols = [*artefact.identity, *([artefact.order] if artefact.order else [])]
     rows.sort(key=lambda row: _sort_key(row.get(c) for c in sort_cols))
     return rows

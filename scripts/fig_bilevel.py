@@ -87,10 +87,10 @@ FIGURES: dict[str, FigureSpec] = {
         (0.10, 0.90),
     ),
     "fig2_left": FigureSpec(("hoag", "shine", "shine_opa"), (0.25, 0.75)),
-    "demo": FigureSpec(("hoag", "shine", "jacobian_free"), (0.25, 0.75)),
     "fig_e2": FigureSpec(
         ("hoag", "shine", "shine_refine", "shine_opa", "jacobian_free"), (0.25, 0.75)
     ),
+    "demo": FigureSpec(("hoag", "shine", "jacobian_free"), (0.25, 0.75)),
 }
 
 # panel order (paper data first) and titles; other data sets follow alphabetically
