@@ -61,13 +61,15 @@ bench-bilevel: venv ## inner L-BFGS vs SciPy, time to 1 %/0.1 % per HOAG method 
 BILEVEL_SWEEPS := fig1 fig2_left fig_e2
 BILEVEL_DATA := breast_cancer_split synthetic_news_small
 ARTEFACTS := fig1 fig_e1 fig2_left fig_e2
+DEQ_FIGURES := fig3 fig_e3
+DEQ_TABLES := table_e1 table_e2 table_e3
 
 sweeps-bilevel: venv ## run the bi-level figure sweeps on the offline data sets (~30 CPU min)
 	@for sweep in $(BILEVEL_SWEEPS); do for data in $(BILEVEL_DATA); do \
 		$(PY) train.py -m +sweep=$$sweep dataset=$$data || exit 1; done; done
 
 collect: venv ## gather the runs of every artefact into experiments/<artefact>/runs.csv
-	@for a in $(ARTEFACTS); do $(PY) scripts/collect.py $$a || exit 1; done
+	@for a in $(ARTEFACTS) $(DEQ_FIGURES) $(DEQ_TABLES); do $(PY) scripts/collect.py $$a || exit 1; done
 
 lint: venv ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .
@@ -81,6 +83,12 @@ figures: venv ## regenerate the figures from the committed tables (experiments/)
 	@for a in $(ARTEFACTS); do \
 		if [ -f experiments/$$a/runs.csv ]; then $(PY) scripts/fig_bilevel.py $$a || exit 1; \
 		else echo "experiments/$$a/runs.csv missing: run the sweep, then make collect"; fi; done
+	@for a in $(DEQ_FIGURES); do \
+		if [ -f experiments/$$a/runs.csv ]; then $(PY) scripts/fig_deq.py $$a || exit 1; \
+		else echo "experiments/$$a/runs.csv missing: see experiments/README.md"; fi; done
+	@for a in $(DEQ_TABLES); do \
+		if [ -f experiments/$$a/runs.csv ]; then $(PY) scripts/tables_deq.py $$a || exit 1; \
+		else echo "experiments/$$a/runs.csv missing: see experiments/README.md"; fi; done
 	@if [ -f "$(OPA_RUN)/metrics.jsonl" ]; then $(PY) scripts/fig_opa_inversion.py "$(OPA_RUN)"; \
 	else echo "$(OPA_RUN) missing: make demo runs it"; fi
 
