@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import run_task
 
 from shine.backward import IFT, Shine
 from shine.data import DigitsData, SyntheticImages
 from shine.models import MDEQConfig
-from shine.runtime import RunDirectory
 from shine.solvers import Broyden
 from shine.tasks import ImageClassification
 from shine.training import Trainer
@@ -36,17 +36,6 @@ def task(stop_after=None, backward=None, epochs=1, data=None, **kw):
         trainer=Trainer(checkpoint_every=2, stop_after=stop_after),
         **kw,
     )
-
-
-def run_task(path: Path, t):
-    run_dir = RunDirectory(path)
-    run_dir.start("config: test\n")
-    out = t.run(run_dir)
-    if out is not None:
-        run_dir.finish(out)
-    else:
-        run_dir.close()
-    return run_dir, out
 
 
 def without_times(records):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import run_task
 
 from shine.backward import Shine
 from shine.bilevel import HOAG, GridSearch
@@ -34,17 +35,6 @@ def task(stop_after=None, method=None, **kw):
 def strip_time(records):
     drop = {"wall_time", "time", "step_time", "inner_time", "backward_time"}
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
-
-
-def run_task(path: Path, t) -> tuple[RunDirectory, dict | None]:
-    run_dir = RunDirectory(path)
-    run_dir.start("config: test\n")
-    out = t.run(run_dir)
-    if out is not None:
-        run_dir.finish(out)
-    else:
-        run_dir.close()
-    return run_dir, out
 
 
 def test_records_summary_and_timing_split(tmp_path):

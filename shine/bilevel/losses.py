@@ -382,9 +382,7 @@ class L2Regularized:
         Returns:
             The shifted ``y``, ``(k, p)``.
         """
-        ref = s if s.numel() else torch.zeros(self.n_features, dtype=self.dtype)
-        w = ref[0] if ref.dim() == 2 else ref
-        delta = self._scale(new_log_lambda, w) - self._scale(old_log_lambda, w)
+        delta = self._scale(new_log_lambda, s) - self._scale(old_log_lambda, s)
         return y + delta * s
 
     def cross_derivative(self, w: Tensor, log_lambda: LogLambda) -> Tensor:

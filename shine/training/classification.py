@@ -124,6 +124,8 @@ class ClassificationStepper:
         self.rank, self.world_size = rank, world_size
         forward = inspect.signature(self._core().forward).parameters
         self._takes_generator = "generator" in forward
+        # a plain classifier (no unrolled mode, no OPA targets) is called as model(x)
+        self._takes_mode = "unrolled" in forward
         self.steps_per_epoch = len(self._loader(0))
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -182,13 +184,12 @@ class ClassificationStepper:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         model = self.model if model is None else model
+        if not self._takes_mode:
+            return model(x)
         kwargs: dict[str, Any] = {"unrolled": unrolled, "targets": y}
         if generator is not None and self._takes_generator:
             kwargs["generator"] = generator
-        try:
-            return model(x, **kwargs)
-        except TypeError:
-            return model(x)
+        return model(x, **kwargs)
 
     def _dropout_generator(self) -> torch.Generator | None:
         """Per-(step, rank) generator of the dropout masks in a data-parallel run (else None)."""

@@ -106,12 +106,12 @@ class Trainer:
             step, timed = 0, 0.0
             record = {"time": 0.0, "step_time": 0.0, **evaluate()}
             run_dir.log_metrics(0, record)
-            run_dir.save_checkpoint({"stepper": stepper.state_dict(), "time": 0.0}, step=0)
+            run_dir.save_checkpoint(
+                {"stepper": stepper.state_dict(), "time": 0.0, "step": 0}, step=0
+            )
         else:
             stepper.load_state_dict(state["stepper"])
-            step, timed = int(state.get("step", 0)), float(state["time"])
-            # the run directory's checkpoint step is authoritative
-            step = max(step, _last_step(run_dir))
+            step, timed = int(state["step"]), float(state["time"])
             logger.info("resuming after step %d (%.2f s of steps done)", step, timed)
         every = self.log_every or max(1, (total or 10) // 10)
         done_now = 0
@@ -147,8 +147,3 @@ class Trainer:
                     left,
                 )
         return run_dir.read_metrics()
-
-
-def _last_step(run_dir: RunDirectory) -> int:
-    records = run_dir.read_metrics()
-    return int(records[-1]["step"]) if records else 0
