@@ -29,7 +29,7 @@ from shine.data import SyntheticImages
 from shine.models import MDEQClassifier, MDEQConfig
 from shine.runtime import RunDirectory
 from shine.solvers import AdjointBroyden, Broyden
-from shine.tasks.deq_common import load_weights, resolve_checkpoint
+from shine.tasks.deq_common import load_weights, resolve_checkpoint, resumable, resume_index
 from shine.tasks.deq_contractivity import (
     DEQContractivity,
     jvp_at,
@@ -144,21 +144,28 @@ def test_nonlinear_power_value_is_the_output_norm_of_a_normalising_map():
     assert float(rho.max()) < 1.0 < float(value.min())  # contractive, yet "radius" 26
 
 
-def test_nonlinear_value_of_the_mdeq_is_sqrt_d_at_initialisation(tmp_path):
-    """The MDEQ's f ends in GroupNorm (gain 1): the authors' value is √d, not a radius."""
-    task = DEQContractivity(
+def _contractivity_task(solver, checkpoint, method_name, n_images, iters):
+    """Contractivity of the tiny MDEQ in batches of 4; ``iters``: nonlinear, power, norm."""
+    n_nonlinear, n_power, n_norm = iters
+    return DEQContractivity(
         data=DATA,
         model=TINY,
-        solver=Broyden(max_iter=6, tol=1e-3, memory=6),
+        solver=solver,
         backward=Shine(),
-        checkpoint=None,
-        method_name="init",
-        n_images=8,
+        checkpoint=checkpoint,
+        method_name=method_name,
+        n_images=n_images,
         batch_size=4,
-        n_iter_nonlinear=10,
-        n_iter_power=8,
-        n_iter_norm=3,
+        n_iter_nonlinear=n_nonlinear,
+        n_iter_power=n_power,
+        n_iter_norm=n_norm,
     )
+
+
+def test_nonlinear_value_of_the_mdeq_is_sqrt_d_at_initialisation(tmp_path):
+    """The MDEQ's f ends in GroupNorm (gain 1): the authors' value is √d, not a radius."""
+    solver = Broyden(max_iter=6, tol=1e-3, memory=6)
+    task = _contractivity_task(solver, None, "init", n_images=8, iters=(10, 8, 3))
     run_dir = start(tmp_path / "c")
     summary = task.run(run_dir)
     d = TINY.state_dim
@@ -176,19 +183,8 @@ def test_contractivity_of_a_contractive_mdeq_loads_its_checkpoint(tmp_path):
     model = MDEQClassifier(TINY, Broyden(max_iter=20, tol=1e-8, memory=20), Shine())
     make_contractive(model.f, 0.5)
     run = save_model(tmp_path / "trained", model)
-    task = DEQContractivity(
-        data=DATA,
-        model=TINY,
-        solver=Broyden(max_iter=20, tol=1e-6, memory=20),
-        backward=Shine(),
-        checkpoint=str(run),
-        method_name="shine",
-        n_images=4,
-        batch_size=4,
-        n_iter_nonlinear=5,
-        n_iter_power=30,
-        n_iter_norm=0,
-    )
+    solver = Broyden(max_iter=20, tol=1e-6, memory=20)
+    task = _contractivity_task(solver, str(run), "shine", n_images=4, iters=(5, 30, 0))
     summary = task.run(start(tmp_path / "c"))
     assert (
         summary["checkpoint"].endswith("checkpoints/last.pt") and summary["checkpoint_step"] == 7
@@ -212,6 +208,20 @@ def test_load_weights_and_missing_checkpoint(tmp_path):
     assert load_weights(b, tmp_path / "bare.pt")["checkpoint_step"] == -1
     with pytest.raises(FileNotFoundError, match="checkpoint=null"):
         resolve_checkpoint(tmp_path / "nowhere")
+
+
+def test_resumable_checkpoints_each_item_and_resumes_after_the_last_done(tmp_path):
+    run_dir = start(tmp_path / "r")
+    for index, item in resumable(run_dir, "abcd", "next", steps_per_item=2):
+        run_dir.log_metrics(2 * index + 2, {"item": item})  # item k owns steps 2k+1, 2k+2
+        if item == "b":
+            break  # interrupted while handling "b": its checkpoint is not written
+    assert resume_index(run_dir, "next") == 1 and run_dir.load_checkpoint() == {"next": 1}
+    resumed = RunDirectory(tmp_path / "r")
+    resumed.start("config: test\n")  # drops the record of "b" (step 4 > checkpointed step 2)
+    assert [r["item"] for r in resumed.read_metrics()] == ["a"]
+    rest = [(index, item) for index, item in resumable(resumed, "abcd", "next", steps_per_item=2)]
+    assert rest == [(1, "b"), (2, "c"), (3, "d")] and resume_index(resumed, "next") == 4
 
 
 def test_timing_task_records_and_summary(tmp_path):

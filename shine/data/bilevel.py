@@ -236,11 +236,28 @@ class BilevelDataset(Protocol):
 
 
 class _Splittable:
-    """``split`` for the data-set dataclasses: ``load`` once per instance, then split by seed."""
+    """The split shared by the data-set dataclasses: validated fields, cached ``load``, ``split``.
+
+    Each data set is a frozen dataclass deriving from this mixin; it declares the split fields
+    ``train_fraction`` (fraction of rows in ``train``), ``outer_half`` (which half of the
+    remainder the outer optimiser sees, module docstring) and ``name`` itself, so that its
+    constructor keeps its own argument order and defaults. This mixin validates them
+    (:meth:`__post_init__`; a data set with checks of its own calls it after them), loads the
+    data once per instance and splits them by seed (:meth:`split`).
+    """
 
     name: str
     train_fraction: float
     outer_half: OuterHalf
+
+    def __post_init__(self) -> None:
+        """Validate the split fields.
+
+        Raises:
+            ValueError: on an invalid ``train_fraction`` or ``outer_half``.
+        """
+        _check_fraction(self.train_fraction)
+        _check_outer_half(self.outer_half)
 
     def load(self) -> tuple[Any, np.ndarray]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -320,10 +337,6 @@ class News20(_Splittable):
     outer_half: OuterHalf = "first"
     name: str = "20news"
 
-    def __post_init__(self) -> None:
-        _check_fraction(self.train_fraction)
-        _check_outer_half(self.outer_half)
-
     def load(self) -> tuple[sp.csr_matrix, np.ndarray]:
         """Read (or download) and vectorise 20news.
 
@@ -383,10 +396,6 @@ class RealSim(_Splittable):
     outer_half: OuterHalf = "first"
     name: str = "real-sim"
 
-    def __post_init__(self) -> None:
-        _check_fraction(self.train_fraction)
-        _check_outer_half(self.outer_half)
-
     def load(self) -> tuple[sp.csr_matrix, np.ndarray]:
         """Read the svmlight file.
 
@@ -442,10 +451,6 @@ class BreastCancer(_Splittable):
     standardize: bool = True
     outer_half: OuterHalf = "first"
     name: str = "breast_cancer"
-
-    def __post_init__(self) -> None:
-        _check_fraction(self.train_fraction)
-        _check_outer_half(self.outer_half)
 
     @property
     def _standardize(self) -> bool:
@@ -519,8 +524,7 @@ class SyntheticNews(_Splittable):
         seed = self.data_seed
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"data_seed must be a non-negative integer, got {seed!r}")
-        _check_fraction(self.train_fraction)
-        _check_outer_half(self.outer_half)
+        super().__post_init__()
 
     def load(self) -> tuple[sp.csr_matrix, np.ndarray]:
         """Generate the data.

@@ -9,27 +9,39 @@ batches of its data. The helpers here keep the three tasks consistent:
 * :func:`build_classifier` builds the model on the right device and dtype;
 * :func:`train_batches` yields a fixed, reproducible sequence of training batches (the same for
   every method of a task, cycling over epochs when more batches are asked than one epoch has);
-* :func:`synchronize` waits for the device (CUDA) before a timer is read.
+* :func:`synchronize` waits for the device (CUDA) before a timer is read;
+* :class:`DEQTask` is the mixin of the three task dataclasses: it builds their model
+  (:meth:`~DEQTask.build_model`), their training batches (:meth:`~DEQTask.training_batches`)
+  and the per-batch random generator (:meth:`~DEQTask.batch_generator`) from the fields they
+  share (``data``, ``model``, ``batch_size``, ``seed``, ``device``, ``dtype``, ``num_workers``);
+* :func:`resume_index` and :func:`resumable` implement the tasks' resume contract on a
+  :class:`~shine.runtime.run_dir.RunDirectory`: a counter in the task checkpoint says how many
+  items (batches or methods) are complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from shine.data.images import make_loader
 from shine.runtime.devices import resolve_dtype
+from shine.runtime.run_dir import RunDirectory
+from shine.runtime.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 
 #: the checkpoint of a run directory (``shine.runtime.RunDirectory.CHECKPOINT``)
 RUN_CHECKPOINT = "checkpoints/last.pt"
+
+_T = TypeVar("_T")
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
@@ -185,10 +197,114 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def resume_index(run_dir: RunDirectory, key: str) -> int:
+    """The counter ``key`` of the task checkpoint of ``run_dir`` (0 on a fresh run)."""
+    state = run_dir.load_checkpoint()
+    return int(state[key]) if state is not None else 0
+
+
+def resumable(
+    run_dir: RunDirectory,
+    items: Iterable[_T],
+    key: str = "next_batch",
+    *,
+    steps_per_item: int = 1,
+) -> Iterator[tuple[int, _T]]:
+    """``(index, item)`` for the items of ``items`` not yet done in ``run_dir``, checkpointed.
+
+    Skips the first :func:`resume_index` items. Item ``index`` owns the metric steps up to
+    ``(index + 1) * steps_per_item``; once the caller has logged its records and asks for the
+    next item, the checkpoint ``{key: index + 1}`` is saved at that step, so a resumed run
+    starts after it (and drops any record of a later step). A caller that stops before asking
+    (an exception, a ``break``) leaves the current item undone.
+    """
+    first = resume_index(run_dir, key)
+    for index, item in enumerate(itertools.islice(items, first, None), start=first):
+        yield index, item
+        run_dir.save_checkpoint({key: index + 1}, step=(index + 1) * steps_per_item)
+
+
+def deq_inputs(model: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The injection ``u = model.inject(x)`` (no graph) and the initial state ``z0`` of ``x``."""
+    with torch.no_grad():
+        u = model.inject(x)
+    return u, model.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
+
+
+def progress_due(index: int, total: int) -> bool:
+    """Whether to log progress after item ``index`` of ``total`` (every tenth, and the last)."""
+    return (index + 1) % max(1, total // 10) == 0 or index + 1 == total
+
+
+class DEQTask:
+    """Mixin of the DEQ task dataclasses: the set-up built from the fields they share.
+
+    The dataclass declares the fields (each task keeps its own order and defaults):
+    ``data`` (image data, ``build() -> (train, test)``), ``model`` (the architecture),
+    ``batch_size``, ``seed``, ``device``, ``dtype`` and ``num_workers``.
+    """
+
+    data: Any
+    model: Any
+    batch_size: int
+    seed: int
+    device: str
+    dtype: str
+    num_workers: int
+
+    def build_model(
+        self, solver: Any, backward: Any, checkpoint: Any, *, train: bool
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """:func:`build_classifier` on the task's device / dtype / seed, in train or eval mode.
+
+        Args:
+            solver: forward solver (training mode; also the eval-mode solver).
+            backward: backward strategy.
+            checkpoint: checkpoint file or run directory (``None``: random initialisation).
+            train: put the model in training mode (``False``: eval mode).
+
+        Returns:
+            ``(model, info)`` as :func:`build_classifier`.
+        """
+        model, info = build_classifier(
+            self.model,
+            solver,
+            backward,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed,
+            checkpoint=checkpoint,
+        )
+        model.train(train)
+        return model, info
+
+    def training_batches(self, n_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """:func:`train_batches` of the training split of ``data`` (built on this call)."""
+        train_set, _ = self.data.build()
+        return train_batches(
+            train_set,
+            n_batches,
+            self.batch_size,
+            seed=self.seed,
+            device=self.device,
+            dtype=resolve_dtype(self.dtype),
+            num_workers=self.num_workers,
+        )
+
+    def batch_generator(self, index: int, device: str | torch.device) -> torch.Generator:
+        """The random generator of batch ``index`` (dropout masks, random starts) on ``device``."""
+        return torch.Generator(device=device).manual_seed(derived_seed(self.seed, index))
+
+
 __all__ = [
+    "DEQTask",
     "build_classifier",
+    "deq_inputs",
     "load_weights",
+    "progress_due",
     "resolve_checkpoint",
+    "resumable",
+    "resume_index",
     "synchronize",
     "train_batches",
 ]

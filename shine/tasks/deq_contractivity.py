@@ -25,7 +25,6 @@ the means over images: ``nonlinear_spectral_radius``, ``spectral_radius``, ``spe
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,8 +38,7 @@ from torch import Tensor
 from shine.data.images import make_loader
 from shine.runtime.devices import resolve_dtype
 from shine.runtime.run_dir import RunDirectory
-from shine.runtime.seeding import derived_seed
-from shine.tasks.deq_common import build_classifier
+from shine.tasks.deq_common import DEQTask, deq_inputs, progress_due, resumable
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +48,17 @@ BatchMap = Callable[[Tensor], Tensor]
 
 def _norm(z: Tensor) -> Tensor:
     return torch.linalg.vector_norm(z, dim=-1)
+
+
+def _check_n_iter(n_iter: int) -> None:
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+
+
+def _unit_start(v0: Tensor) -> tuple[Tensor, float]:
+    """``v0`` scaled to unit norm per sample, and the ``tiny`` of its dtype (norm floor)."""
+    tiny = torch.finfo(v0.dtype).tiny
+    return v0 / _norm(v0).clamp_min(tiny)[:, None], tiny
 
 
 def nonlinear_power_value(fn: BatchMap, z0: Tensor, n_iter: int) -> Tensor:
@@ -68,10 +77,9 @@ def nonlinear_power_value(fn: BatchMap, z0: Tensor, n_iter: int) -> Tensor:
     Raises:
         ValueError: if ``n_iter < 1``.
     """
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    _check_n_iter(n_iter)
     z = z0
-    c = torch.zeros(z0.shape[0], dtype=z0.dtype, device=z0.device)
+    c = z0.new_zeros(z0.shape[0])
     with torch.no_grad():
         for _ in range(n_iter):
             z = fn(z)
@@ -125,12 +133,10 @@ def spectral_radius(
     Raises:
         ValueError: if ``n_iter < 1``.
     """
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-    tiny = torch.finfo(v0.dtype).tiny
-    v = v0 / _norm(v0).clamp_min(tiny)[:, None]
+    _check_n_iter(n_iter)
+    v, tiny = _unit_start(v0)
     logs = []
-    growth = torch.zeros(v0.shape[0], dtype=v0.dtype, device=v0.device)
+    growth = v0.new_zeros(v0.shape[0])
     for _ in range(n_iter):
         w = jvp(v)
         growth = _norm(w)
@@ -153,11 +159,9 @@ def spectral_norm(jvp: BatchMap, vjp: BatchMap, v0: Tensor, n_iter: int) -> Tens
     Raises:
         ValueError: if ``n_iter < 1``.
     """
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-    tiny = torch.finfo(v0.dtype).tiny
-    v = v0 / _norm(v0).clamp_min(tiny)[:, None]
-    sigma = torch.zeros(v0.shape[0], dtype=v0.dtype, device=v0.device)
+    _check_n_iter(n_iter)
+    v, tiny = _unit_start(v0)
+    sigma = v0.new_zeros(v0.shape[0])
     for _ in range(n_iter):
         jv = jvp(v)
         sigma = _norm(jv)
@@ -194,7 +198,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class DEQContractivity:
+class DEQContractivity(DEQTask):
     """Table E.1 for one trained model (see the module docstring).
 
     Args:
@@ -235,10 +239,8 @@ class DEQContractivity:
 
     def measure(self, model: Any, x: Tensor, index: int) -> dict[str, Any]:
         """The per-image values of one batch ``x`` (eval mode)."""
-        gen = torch.Generator(device=x.device).manual_seed(derived_seed(self.seed, index))
-        with torch.no_grad():
-            u = model.inject(x)
-        z0 = model.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
+        gen = self.batch_generator(index, x.device)
+        u, z0 = deq_inputs(model, x)
         model.deq.solver = model.eval_solver
         z_star, packer = model.deq.solve(u, z0)
         fwd = model.last_forward
@@ -274,18 +276,7 @@ class DEQContractivity:
 
     def run(self, run_dir: RunDirectory) -> dict[str, Any] | None:
         """Measure the test images (resuming after the last completed batch)."""
-        state = run_dir.load_checkpoint()
-        first = int(state["next_batch"]) if state is not None else 0
-        model, info = build_classifier(
-            self.model,
-            self.solver,
-            self.backward,
-            device=self.device,
-            dtype=self.dtype,
-            seed=self.seed,
-            checkpoint=self.checkpoint,
-        )
-        model.eval()
+        model, info = self.build_model(self.solver, self.backward, self.checkpoint, train=False)
         _, test_set = self.data.build()
         n = len(test_set) if self.n_images is None else min(self.n_images, len(test_set))
         subset = torch.utils.data.Subset(test_set, range(n))
@@ -308,11 +299,10 @@ class DEQContractivity:
         )
         dtype = resolve_dtype(self.dtype)
         t0 = time.perf_counter()
-        for index, (x, _) in enumerate(itertools.islice(loader, first, None), start=first):
+        for index, (x, _) in resumable(run_dir, loader):
             record = self.measure(model, x.to(self.device, dtype), index)
             run_dir.log_metrics(index + 1, {**record, "method": self.method_name})
-            run_dir.save_checkpoint({"next_batch": index + 1}, step=index + 1)
-            if (index + 1) % max(1, n_batches // 10) == 0 or index + 1 == n_batches:
+            if progress_due(index, n_batches):
                 logger.info(
                     "batch %d/%d (%.1f s): nonlinear %.4g, rho %.4g",
                     index + 1,

@@ -23,7 +23,6 @@ quantiles) of the cosine and of the norm ratio over batches.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -35,10 +34,8 @@ import torch
 from torch import Tensor
 
 from shine.backward import JacobianFree, Shine, cosine_and_ratio
-from shine.runtime.devices import resolve_dtype
 from shine.runtime.run_dir import RunDirectory
-from shine.runtime.seeding import derived_seed
-from shine.tasks.deq_common import build_classifier, train_batches
+from shine.tasks.deq_common import DEQTask, deq_inputs, progress_due, resumable
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +74,7 @@ def summarize(records: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> d
 
 
 @dataclass(frozen=True)
-class DEQInversion:
+class DEQInversion(DEQTask):
     """Fig. E.3 on one (trained) MDEQ; see the module docstring.
 
     Args:
@@ -137,10 +134,8 @@ class DEQInversion:
         self, model: Any, x: Tensor, y: Tensor, index: int
     ) -> list[dict[str, Any]]:  # one batch
         """The records of one batch (one per method)."""
-        gen = torch.Generator(device=x.device).manual_seed(derived_seed(self.seed, index))
-        with torch.no_grad():
-            u = model.inject(x)
-        z0 = model.initial_state(x.shape[0], device=x.device, dtype=x.dtype)
+        gen = self.batch_generator(index, x.device)
+        u, z0 = deq_inputs(model, x)
         if model.training:
             model.f.reset_dropout(z0, gen)
         outer_grad = model.outer_grad_fn(y)
@@ -191,28 +186,11 @@ class DEQInversion:
 
     def run(self, run_dir: RunDirectory) -> dict[str, Any] | None:
         """Measure every batch (resuming after the last completed one); return the summary."""
-        state = run_dir.load_checkpoint()
-        first = int(state["next_batch"]) if state is not None else 0
-        model, info = build_classifier(
-            self.model,
-            self.solvers[METHODS[self.methods[0]][0]],
-            JacobianFree(),
-            device=self.device,
-            dtype=self.dtype,
-            seed=self.seed,
-            checkpoint=self.checkpoint,
+        solver = self.solvers[METHODS[self.methods[0]][0]]
+        model, info = self.build_model(
+            solver, JacobianFree(), self.checkpoint, train=self.train_mode
         )
-        model.train(self.train_mode)
-        train_set, _ = self.data.build()
-        batches = train_batches(
-            train_set,
-            self.n_batches,
-            self.batch_size,
-            seed=self.seed,
-            device=self.device,
-            dtype=resolve_dtype(self.dtype),
-            num_workers=self.num_workers,
-        )
+        batches = self.training_batches(self.n_batches)
         logger.info(
             "inversion quality of %s on %d batches of %d",
             ", ".join(self.methods),
@@ -220,12 +198,10 @@ class DEQInversion:
             self.batch_size,
         )
         t0 = time.perf_counter()
-        every = max(1, self.n_batches // 10)
-        for index, (x, y) in enumerate(itertools.islice(batches, first, None), start=first):
+        for index, (x, y) in resumable(run_dir, batches):
             for record in self.measure(model, x, y, index):
                 run_dir.log_metrics(index + 1, record)
-            run_dir.save_checkpoint({"next_batch": index + 1}, step=index + 1)
-            if (index + 1) % every == 0 or index + 1 == self.n_batches:
+            if progress_due(index, self.n_batches):
                 logger.info(
                     "batch %d/%d (%.1f s)", index + 1, self.n_batches, time.perf_counter() - t0
                 )

@@ -33,10 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shine.runtime.devices import resolve_dtype
 from shine.runtime.run_dir import RunDirectory
-from shine.runtime.seeding import derived_seed
-from shine.tasks.deq_common import build_classifier, synchronize, train_batches
+from shine.tasks.deq_common import DEQTask, resumable, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ def summarize(records: Sequence[Mapping[str, Any]], methods: Sequence[str]) -> d
 
 
 @dataclass(frozen=True)
-class DEQTiming:
+class DEQTiming(DEQTask):
     """Time the forward and backward passes of an MDEQ per backward method.
 
     Args:
@@ -133,21 +131,14 @@ class DEQTiming:
 
     def time_method(self, method: str, batches: Sequence[tuple[Any, Any]]) -> list[dict]:
         """Time one method on ``batches``; return one record per batch (not yet logged)."""
-        model, info = build_classifier(
-            self.model,
-            self.solver,
-            self.backwards[method],
-            device=self.device,
-            dtype=self.dtype,
-            seed=self.seed,
-            checkpoint=self.checkpoint_for(method),
+        model, info = self.build_model(
+            self.solver, self.backwards[method], self.checkpoint_for(method), train=self.train_mode
         )
-        model.train(self.train_mode)
         device = torch.device(self.device)
 
         def one(x: torch.Tensor, y: torch.Tensor, index: int) -> dict[str, Any]:
             model.zero_grad(set_to_none=True)
-            gen = torch.Generator(device=device).manual_seed(derived_seed(self.seed, index))
+            gen = self.batch_generator(index, device)
             synchronize(device)
             t0 = time.perf_counter()
             logits = model(x, targets=y, generator=gen)
@@ -188,20 +179,7 @@ class DEQTiming:
 
     def run(self, run_dir: RunDirectory) -> dict[str, Any] | None:
         """Time every method (resuming after the last completed one); return the summary."""
-        state = run_dir.load_checkpoint()
-        first = int(state["next_method"]) if state is not None else 0
-        train_set, _ = self.data.build()
-        batches = list(
-            train_batches(
-                train_set,
-                self.n_batches,
-                self.batch_size,
-                seed=self.seed,
-                device=self.device,
-                dtype=resolve_dtype(self.dtype),
-                num_workers=self.num_workers,
-            )
-        )
+        batches = list(self.training_batches(self.n_batches))
         where = torch.cuda.get_device_name(self.device) if "cuda" in self.device else "cpu"
         logger.info(
             "timing %d methods x %d batches of %d on %s",
@@ -210,13 +188,11 @@ class DEQTiming:
             self.batch_size,
             where,
         )
-        for k, method in enumerate(self.methods):
-            if k < first:
-                continue
+        done = resumable(run_dir, self.methods, "next_method", steps_per_item=self.n_batches)
+        for k, method in done:
             records = self.time_method(method, batches)
             for i, record in enumerate(records):
                 run_dir.log_metrics(k * self.n_batches + i + 1, record)
-            run_dir.save_checkpoint({"next_method": k + 1}, step=(k + 1) * self.n_batches)
             med = summarize(records, [method])
             logger.info(
                 "%-24s forward %8.2f ms, backward %8.2f ms (median of %d)",
