@@ -7,7 +7,7 @@ import torch
 from deq_problems import DT, Recorder, make_problem
 
 from shine.solvers import AdjointBroyden, Broyden
-from shine.solvers.low_rank import LowRankInverse
+from shine.solvers.low_rank import LowRankInverse, LowRankMemory
 
 
 def dense_good_broyden(zs, gs, h0):
@@ -44,6 +44,40 @@ def test_low_rank_estimate_equals_dense_broyden_and_secant():
         # secant condition of the last update: H_{n+1} y_n = s_n
         s, y = zs[-1, b] - zs[-2, b], gs[-1, b] - gs[-2, b]
         torch.testing.assert_close(Hd[b] @ y, s, rtol=1e-9, atol=1e-12)
+
+
+def test_full_step_update_equals_the_general_secant_update():
+    # without line search the update reuses the cached H g(z_n) (s - H y = -H g(z_{n+1}), terms
+    # stored with both factors negated); a line search that accepts every full step goes through
+    # the general formula s - H y: both must build the same iterates and the same estimate (4
+    # steps: the secant pairs stay large, their rounding ~1e-16/‖s‖ well below the tolerance)
+    prob = make_problem(dim=7, batch=3, contraction=0.3, seed=5)
+    plain = Broyden(max_iter=4, tol=0.0, memory=10, inverse_at="last")
+    searched = Broyden(max_iter=4, tol=0.0, memory=10, inverse_at="last", line_search=True)
+    a = plain(prob.g, torch.zeros_like(prob.x))
+    b = searched(prob.g, torch.zeros_like(prob.x))
+    assert a.stats.n_evals == b.stats.n_evals  # every full step was accepted
+    torch.testing.assert_close(a.value, b.value, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.inverse.dense(), b.inverse.dense(), rtol=1e-10, atol=1e-12)
+
+
+def test_memory_never_reads_unwritten_columns():
+    # the buffers are allocated uninitialised: fill them with NaN to prove that a fresh column
+    # written for part of the batch gives the other samples a zero term, and that dropping the
+    # terms of a sample only touches written columns
+    like = torch.zeros(2, 5, dtype=DT)
+    mem = LowRankMemory(2, 5, 3, -1.0, "fifo", like)
+    mem.U.fill_(float("nan"))
+    mem.V.fill_(float("nan"))
+    u = torch.ones(2, 5, dtype=DT)
+    mem.push(u, 2 * u, step=1, mask=torch.tensor([True, False]))
+    x = torch.arange(10, dtype=DT).view(2, 5)
+    Hx = mem.estimate().matvec(x)
+    torch.testing.assert_close(Hx[1], -x[1])  # sample 1: H0 only
+    torch.testing.assert_close(Hx[0], -x[0] + u[0] * (2 * u[0] @ x[0]))
+    mem.reset_samples(torch.tensor([True, False]))
+    torch.testing.assert_close(mem.estimate().matvec(x), -x)
+    assert mem.estimate().matvec(x).isfinite().all()
 
 
 def test_rmatvec_is_transpose_of_matvec():
@@ -221,7 +255,7 @@ def test_estimate_of_a_sample_does_not_depend_on_the_rest_of_the_batch(solver_cl
     together = solver(g_both, torch.zeros_like(both_x))
     assert together.stats.nstep > alone.stats.nstep + 8
     torch.testing.assert_close(together.value[:1], alone.value)
-    v = torch.randn(1, 8, dtype=DT)
+    v = torch.randn(1, 8, dtype=DT, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(
         together.inverse.rmatvec(torch.cat([v, v]))[:1],
         alone.inverse.rmatvec(v),

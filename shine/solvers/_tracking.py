@@ -39,13 +39,17 @@ class BestIterateTracker:
     def update(self, z: Tensor, gz: Tensor, step: int, norm: Tensor | None = None) -> Tensor:
         """Record iterate ``z_step`` with residual ``gz``; return its residual norms ``(B,)``.
 
-        Samples that already converged keep their iterate (a converged sample is frozen).
+        Samples that already converged keep their iterate (a converged sample is frozen). ``z``
+        may be kept without a copy: the caller must not modify it in place afterwards.
         ``norm`` may pass ``‖gz‖`` per sample when the caller already computed it.
         """
         norm = batch_norm(gz) if norm is None else norm
         self._trace.append(norm)
         better = (norm < self.best_residual) & ~self.converged
-        self.best_z = torch.where(better[:, None], z, self.best_z)
+        if bool(better.all()):
+            self.best_z = z  # no copy: the solvers never modify an iterate in place
+        elif bool(better.any()):
+            self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_residual = torch.where(better, norm, self.best_residual)
         self.best_step = torch.where(better, torch.full_like(self.best_step, step), self.best_step)
         self.converged = self.converged | (self.best_residual <= self.threshold)

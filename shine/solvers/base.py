@@ -161,3 +161,8 @@ def as_batch(z: Tensor) -> tuple[Tensor, bool]:
 def batch_norm(v: Tensor) -> Tensor:
     """Per-sample Euclidean norm of ``v`` with shape ``(B, D)``, returned as ``(B,)``."""
     return torch.linalg.vector_norm(v, dim=-1)
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner products ``aᵀb`` of ``a, b: (B, D)``, returned as ``(B,)``."""
+    return torch.linalg.vecdot(a, b)

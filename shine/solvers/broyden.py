@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from shine.solvers._tracking import BestIterateTracker
-from shine.solvers.base import ResidualFn, SolverResult, as_batch, batch_norm
+from shine.solvers.base import ResidualFn, SolverResult, as_batch, batch_dot, batch_norm
 from shine.solvers.low_rank import LowRankInverse, LowRankMemory, MemoryPolicy
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ def _safe_division(num: Tensor, den: Tensor, ok: Tensor) -> tuple[Tensor, Tensor
     den = torch.where(safe, den, torch.ones_like(den))
     out = num / den[:, None]
     safe = safe & torch.isfinite(batch_norm(out))  # one reduction instead of isfinite + all
-    return torch.where(safe[:, None], out, torch.zeros_like(out)), safe
+    if bool(safe.all()):
+        return out, safe
+    return torch.where(safe[:, None], out, 0.0), safe
 
 
 def select_estimate(memory: LowRankMemory, tracker: BestIterateTracker, inverse_at: str):
@@ -147,37 +149,50 @@ class Broyden:
             active = ~tracker.converged
             if not bool(active.any()):
                 break
-            all_active = bool(active.all())
-            p = -Hg if all_active else torch.where(active[:, None], -Hg, torch.zeros_like(Hg))
-            z_new, g_new, evals = self._step(gfun, z, gz, p)
+            # the step is p = -q: only the sign convention of the stored terms changes below
+            q = Hg if bool(active.all()) else torch.where(active[:, None], Hg, 0.0)
+            z_new, g_new, evals = self._step(gfun, z, gz, q)
             n_evals += evals
             nstep = n + 1
             g_norm = batch_norm(g_new)
             bad = active & ~torch.isfinite(g_norm)
-            if bool(bad.any()):
+            any_bad = bool(bad.any())
+            if any_bad:
                 # reject the step of diverging samples and restart their estimate from H0
                 n_rejected += int(bad.sum())
                 z_new = torch.where(bad[:, None], z, z_new)
                 g_new = torch.where(bad[:, None], gz, g_new)
                 mem.reset_samples(bad)
                 Hg = torch.where(bad[:, None], h0 * gz, Hg)
-            if mem.make_room():
+            restarted = mem.make_room()
+            if restarted:
                 Hg = h0 * gz
             H = mem.estimate()
-            s = z_new - z
             Hg_new = H.matvec(g_new)
-            Hy = Hg_new - Hg
-            v = H.rmatvec(s)  # Hᵀ s
-            u, ok = _safe_division(s - Hy, (v * (g_new - gz)).sum(-1), active & ~bad)
-            v = torch.where(ok[:, None], v, torch.zeros_like(v))
+            if self.line_search or any_bad or restarted:
+                s = z_new - z
+                v = H.rmatvec(s)  # Hᵀ s
+                v_g_new = batch_dot(v, g_new)
+                num = s - (Hg_new - Hg)  # s - H y
+                den = v_g_new - batch_dot(v, gz)  # sᵀ H y
+            else:
+                # full step s = -q with q = H g(z_n) the cached product: s - H y = -H g(z_{n+1}).
+                # The term u vᵀ is stored as (-u)(-v)ᵀ: v' = Hᵀ q, u' = H g(z_{n+1}) / -(v'ᵀ y),
+                # which spares two negations of (B, D) tensors
+                v = H.rmatvec(q)
+                v_g_new = batch_dot(v, g_new)
+                num = Hg_new
+                den = batch_dot(v, gz) - v_g_new
+            u, ok = _safe_division(num, den, active & ~bad)
             if mem.frozen:
                 Hg = Hg_new
             elif mem.push(u, v, step=n + 1, mask=ok):
                 Hg = mem.estimate().matvec(g_new)  # an old term was dropped
             else:
-                Hg = Hg_new + u * (v * g_new).sum(-1, keepdim=True)
+                # H_{n+1} g(z_{n+1}) = H_n g(z_{n+1}) + u (vᵀ g(z_{n+1})), zero where not updated
+                Hg = torch.addcmul(Hg_new, u, torch.where(ok, v_g_new, 0.0)[:, None])
             z, gz = z_new, g_new
-            tracker.update(z, gz, step=n + 1, norm=None if bool(bad.any()) else g_norm)
+            tracker.update(z, gz, step=n + 1, norm=None if any_bad else g_norm)
         inverse = select_estimate(mem, tracker, self.inverse_at)
         stats = tracker.stats(nstep=nstep, n_evals=n_evals, unbatched=unbatched)
         stats.extra["rejected_steps"] = float(n_rejected)
@@ -185,9 +200,9 @@ class Broyden:
         logger.debug("Broyden: %d steps, max residual %.3e", nstep, float(stats.residual.max()))
         return SolverResult(value=value, stats=stats, inverse=inverse)
 
-    def _step(self, g: ResidualFn, z: Tensor, gz: Tensor, p: Tensor) -> tuple[Tensor, Tensor, int]:
-        """Take the step ``z + α p`` (``α = 1`` or per-sample backtracking); return z, g, evals."""
-        z_new = z + p
+    def _step(self, g: ResidualFn, z: Tensor, gz: Tensor, q: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Take the step ``z - α q`` (``α = 1`` or per-sample backtracking); return z, g, evals."""
+        z_new = z - q
         g_new = g(z_new)
         if not self.line_search:
             return z_new, g_new, 1
@@ -199,7 +214,7 @@ class Broyden:
             if bool(accepted.all()):
                 break
             alpha = torch.where(accepted, alpha, 0.5 * alpha)
-            z_try = z + alpha[:, None] * p
+            z_try = z - alpha[:, None] * q
             g_try = g(z_try)
             evals += 1
             z_new = torch.where(accepted[:, None], z_new, z_try)

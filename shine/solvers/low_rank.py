@@ -108,8 +108,9 @@ class LowRankMemory:
             )
         self.h0 = h0
         self.policy = policy
-        self.U = like.new_zeros(batch, memory, dim)
-        self.V = like.new_zeros(batch, memory, dim)
+        # columns >= n_cols are never read: no need to zero the (possibly large) buffers
+        self.U = like.new_empty(batch, memory, dim)
+        self.V = like.new_empty(batch, memory, dim)
         # per sample, iterate index n such that the column is part of H_n (-1: empty column)
         self.col_step = torch.full((batch, memory), -1, dtype=torch.long, device=like.device)
         self.n_cols = 0
@@ -153,8 +154,6 @@ class LowRankMemory:
 
     def clear(self) -> None:
         """Drop every term (back to ``H0`` for all samples)."""
-        self.U.zero_()
-        self.V.zero_()
         self.col_step.fill_(-1)
         self.n_cols = 0
         self.next_slot = 0
@@ -196,23 +195,28 @@ class LowRankMemory:
             return False
         overwrote = self.full
         slot = self.next_slot
-        if mask is None:
+        if mask is None or bool(mask.all()):
             self.U[:, slot] = u
             self.V[:, slot] = v
             self.col_step[:, slot] = step
-        else:
+        elif overwrote or slot < self.n_cols:
             self.U[:, slot] = torch.where(mask[:, None], u, self.U[:, slot])
             self.V[:, slot] = torch.where(mask[:, None], v, self.V[:, slot])
             self.col_step[:, slot] = torch.where(mask, step, self.col_step[:, slot])
+        else:  # a fresh column: the samples not updated get a zero term
+            self.U[:, slot] = torch.where(mask[:, None], u, 0.0)
+            self.V[:, slot] = torch.where(mask[:, None], v, 0.0)
+            self.col_step[:, slot] = torch.where(mask, step, -1)
         self.next_slot = (slot + 1) % self.capacity
         self.n_cols = min(self.n_cols + 1, self.capacity)
         return overwrote
 
     def reset_samples(self, mask: Tensor) -> None:
         """Drop every term of the samples where ``mask`` (``(B,)`` bool) is set (back to H0)."""
+        n = self.n_cols
         keep = (~mask).to(self.U.dtype)[:, None, None]
-        self.U.mul_(keep)
-        self.V.mul_(keep)
+        self.U[:, :n].mul_(keep)
+        self.V[:, :n].mul_(keep)
         self.col_step.masked_fill_(mask[:, None], -1)
 
     def estimate_at(self, step: Tensor) -> LowRankInverse:
