@@ -107,6 +107,23 @@ def test_train_py_runs_an_experiment_and_skips_it_when_complete(tmp_path):
 
 
 @pytest.mark.slow
+def test_multirun_over_experiments_gives_each_its_own_directory(tmp_path):
+    # without a sweep file the sweep folder is "adhoc": two experiments with the same other
+    # overrides must not share a run directory (the second would skip as "already complete")
+    experiments = "+experiment=breast_cancer_shine,breast_cancer_jacobian_free"
+    proc = train(["-m", experiments, "seed=3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already complete" not in proc.stdout + proc.stderr
+    summaries = sorted((tmp_path / "sweeps" / "adhoc").glob("*/*/summary.json"))
+    found = {p.parent.parent.name: json.loads(p.read_text())["method"] for p in summaries}
+    assert found == {
+        "breast_cancer_shine": "shine",
+        "breast_cancer_jacobian_free": "jacobian_free",
+    }
+    assert {p.parent.name for p in summaries} == {"seed=3"}
+
+
+@pytest.mark.slow
 def test_sweep_writes_one_run_per_method_and_seed(tmp_path):
     proc = train(["-m", "+sweep=fig1", "method=shine,grid_search", "seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

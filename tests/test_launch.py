@@ -28,7 +28,7 @@ def test_local_submitit_sweep_writes_one_run_per_point_and_skips_on_resubmit(tmp
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    sweep = tmp_path / "sweeps" / "smoke"
+    sweep = tmp_path / "sweeps" / "smoke" / "opa_inversion"  # one folder per experiment
     runs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
     assert runs == ["seed=0,task.n_seeds=1", "seed=1,task.n_seeds=1"]
     first = [json.loads((sweep / r / "summary.json").read_text())["end_time"] for r in runs]

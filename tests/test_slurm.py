@@ -206,7 +206,7 @@ def test_submitit_launcher_runs_a_sweep_on_slurm(cluster, tmp_path):
         pytest.fail(f"the sweep did not finish: {exc.stdout}{exc.stderr}\n{cluster.diagnostics()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr + cluster.diagnostics()
     sweep = tmp_path / "sweeps" / "slurm_smoke"
-    runs = sorted(p.parent for p in sweep.glob("*/summary.json"))
+    runs = sorted(p.parent for p in sweep.glob("breast_cancer_shine/*/summary.json"))
     assert [OmegaConf.load(run / "config.yaml").seed for run in runs] == [0, 1], proc.stderr
     assert all(steps(run) == [0, 1, 2] for run in runs)
     # the jobs went through sbatch: submitit's job script and logs are in the sweep directory
