@@ -1,6 +1,8 @@
 # Self-documenting: `make help` lists every target with its `##` comment.
 # Every target that runs Python depends on the virtual environment, which `make` creates or
-# updates by itself (re-installed only when pyproject.toml changes).
+# updates by itself (re-installed only when the content of pyproject.toml changes).
+# `make demo VENV=/path/to/env` uses another environment; one installed from the same
+# pyproject.toml (e.g. the checkout's .venv, for a fresh clone) is reused as it is.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -10,22 +12,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
+# the stamps hold the checksum of the pyproject.toml they were installed from (content, not
+# mtime: a fresh clone or checkout does not trigger a re-install)
+PYPROJECT_SUM := $(shell cksum < pyproject.toml)
+comma := ,
 RUNS := $(or $(SHINE_RUNS),runs)
 PYTEST_ARGS ?=
 
 OPA_RUN := $(RUNS)/opa_inversion/seed=0
 
-.PHONY: help venv test test-quick demo bench bench-core bench-bilevel sweeps-bilevel collect lint format figures clean
+.PHONY: help venv bench-venv test test-quick demo bench bench-core bench-bilevel sweeps-bilevel collect lint format figures clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV_STAMP): pyproject.toml
+# $(call install,EXTRAS,STAMP): create $(VENV) if needed, then pip install -e ".[EXTRAS]" unless
+# STAMP holds the checksum of this pyproject.toml
+define install
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev]"
-	@touch $@
+	@if [ "$$(cat $(2) 2>/dev/null)" != "$(PYPROJECT_SUM)" ]; then \
+		echo '$(PY) -m pip install --quiet -e ".[$(1)]"'; \
+		$(PY) -m pip install --quiet -e ".[$(1)]" && echo "$(PYPROJECT_SUM)" > $(2); \
+	fi
+endef
 
-venv: $(VENV_STAMP) ## create or update .venv (pip install -e ".[dev]"; no-op when up to date)
+venv: ## create or update .venv (pip install -e ".[dev]"; no-op when up to date)
+	$(call install,dev,$(VENV_STAMP))
 
 test: venv ## run the whole test suite, slow end-to-end tests included (~5 min on 2 cores; one OpenMP thread per process)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
@@ -44,13 +56,12 @@ demo: venv ## main job: SHINE vs HOAG vs JF (bi-level) and vs the original DEQ b
 	$(PY) scripts/demo_summary.py --runs $(RUNS) && \
 	echo "demo done in $$(( $$(date +%s) - start )) s: figures in figures/demo/ and figures/opa_inversion.{pdf,png}"
 
-$(BENCH_STAMP): pyproject.toml $(VENV_STAMP)
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	@touch $@
+bench-venv: venv
+	$(call install,dev$(comma)bench,$(BENCH_STAMP))
 
 bench: bench-core bench-bilevel ## every benchmark (prints measured ratios and PASS/FAIL targets)
 
-bench-core: $(BENCH_STAMP) ## core solvers and backward strategies on an MDEQ-sized state (scripts/bench_core.py)
+bench-core: bench-venv ## core solvers and backward strategies on an MDEQ-sized state (scripts/bench_core.py)
 	$(PY) scripts/bench_core.py
 
 bench-bilevel: venv ## inner L-BFGS vs SciPy, time to 1 %/0.1 % per HOAG method (scripts/bench_bilevel.py)
@@ -79,7 +90,7 @@ format: venv ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-figures: venv ## regenerate the figures from the committed tables (experiments/) and runs
+figures: venv ## regenerate the figures and tables from experiments/ (and runs), then experiments/paper_vs_ours.md
 	@for a in $(ARTEFACTS); do \
 		if [ -f experiments/$$a/runs.csv ]; then $(PY) scripts/fig_bilevel.py $$a || exit 1; \
 		else echo "experiments/$$a/runs.csv missing: run the sweep, then make collect"; fi; done
@@ -91,6 +102,7 @@ figures: venv ## regenerate the figures from the committed tables (experiments/)
 		else echo "experiments/$$a/runs.csv missing: see experiments/README.md"; fi; done
 	@if [ -f "$(OPA_RUN)/metrics.jsonl" ]; then $(PY) scripts/fig_opa_inversion.py "$(OPA_RUN)"; \
 	else echo "$(OPA_RUN) missing: make demo runs it"; fi
+	$(PY) scripts/paper_vs_ours.py
 
 clean: ## remove caches and build artefacts (keeps .venv, runs/ and figures/)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
