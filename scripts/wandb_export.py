@@ -5,13 +5,14 @@
     python scripts/collect.py ARTEFACT --runs DIR
 
 The runs a ``logger=wandb`` run mirrored (``shine/runtime/wandb_mirror.py``: the resolved config
-as the wandb config, every metrics record's numbers and booleans at its ``step``, the final
-metrics in the summary) become run directories under ``DIR``:
+as the wandb config, every metrics record's numbers, booleans, strings and lists of numbers (as
+``key/0``, ``key/1``, ...) at its ``step``, the final metrics in the summary) become run
+directories under ``DIR``:
 
 * ``config.yaml``: the wandb config (wandb's own ``_``-prefixed keys dropped), i.e. the run's
   resolved configuration, ``tags`` included, which is what ``collect.py`` selects runs by;
 * ``metrics.jsonl``: one record per history row, ``{"step": _step, "wall_time": _timestamp,
-  ...metrics}`` (from ``run.scan_history()``);
+  ...metrics}`` (from ``run.scan_history()``; ``key/i`` components joined back into lists);
 * ``summary.json``: the wandb summary plus ``status``, ``metric_keys``, ``wall_time_s`` (wandb's
   ``_runtime``) and ``source`` (the wandb run paths), written only for a complete run (see below),
   so that ``collect.py`` treats the others as incomplete (``--include-incomplete`` keeps them);
@@ -30,10 +31,10 @@ Complete: the last wandb run of a directory has state ``finished`` and a summary
 history row holds (the final metrics ``WandbMirror.finish`` writes; a run stopped early only has
 wandb's copy of the last logged values).
 
-Limits (of what the mirror sends, not of this script): string- and list-valued record fields are
-not mirrored, e.g. the bi-level ``log_lambda`` (empty in the collected table) and the ``method``
-field of the DEQ timing and inversion runs (Table E.2 timing rows and Fig. E.3 need the run
-directories); records sharing a step are merged into one history row by wandb.
+Limits (of what the mirror sends, not of this script): nested record fields (dicts, lists of
+non-numbers) are not mirrored, and records sharing a step are merged into one history row by
+wandb (the DEQ timing and inversion runs log several records per step: Table E.2's timing rows
+and Fig. E.3 need the run directories).
 
 The API key is read from the ``WANDB_API_KEY`` environment variable only and never written
 anywhere; tests pass a fake API object to :func:`export_runs` (no network).
@@ -55,6 +56,7 @@ from typing import Any, Protocol
 import yaml
 
 from shine.runtime.metrics import to_jsonable
+from shine.runtime.wandb_mirror import unflatten_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect import write_atomic  # noqa: E402  (scripts/ is not a package)
@@ -172,7 +174,8 @@ def history_records(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         record: dict[str, Any] = {"step": int(row["_step"])}
         if row.get("_timestamp") is not None:
             record["wall_time"] = float(row["_timestamp"])
-        record.update({k: _value(v) for k, v in user_keys(row).items() if v is not None})
+        values = {k: _value(v) for k, v in user_keys(row).items() if v is not None}
+        record.update(unflatten_record(values))
         records.append(record)
     records.sort(key=lambda r: r["step"])
     return records
@@ -271,7 +274,7 @@ def final_summary(
 ) -> dict[str, Any] | None:
     """The ``summary.json`` of a directory whose newest wandb run is ``run``; None: incomplete."""
     raw = as_dict(run.summary)
-    metrics = user_keys(raw)
+    metrics = unflatten_record(user_keys(raw))
     state = getattr(run, "state", "finished")
     if state != "finished" or not set(metrics) - history_keys:
         return None

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from shine.runtime import RunDirectory, WandbMirror
+from shine.runtime.wandb_mirror import flatten_record, unflatten_record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -146,9 +147,9 @@ def test_export_then_collect_gives_the_local_rows(local_runs, fake_wandb, tmp_pa
         )
         final = RunDirectory.final_metrics(json.loads((path / "summary.json").read_text()))
         exported_summary = json.loads((out / rel / "summary.json").read_text())
-        scalars = {k: v for k, v in final.items() if isinstance(v, int | float | str)}
-        assert {k: exported_summary.get(k) for k in scalars} == scalars
-        assert set(final) - set(exported_summary) == set(final) - set(scalars)  # lists, nulls
+        kept = {k: v for k, v in final.items() if v is not None}
+        assert {k: exported_summary.get(k) for k in kept} == kept  # scalars and lists
+        assert set(final) - set(exported_summary) == set(final) - set(kept)  # nulls
 
     artefact = collect.get_artefact("demo")
     local = collect.build_rows("demo", [local_runs])
@@ -159,16 +160,11 @@ def test_export_then_collect_gives_the_local_rows(local_runs, fake_wandb, tmp_pa
         cols = [c for c in artefact.columns if c not in skip]
         return [[collect.cell(row.get(c)) for c in cols] for row in rows]
 
-    # the mirror sends numbers and booleans only: the list-valued log_lambda is the one column
-    # a wandb export cannot restore (wandb_export.py's "Limits")
-    differing = {
-        c
-        for c in artefact.columns
-        if table(local, set(artefact.columns) - {c}) != table(remote, set(artefact.columns) - {c})
-    }
-    assert differing == {"log_lambda"}
-    assert table(remote, {"log_lambda"}) == table(local, {"log_lambda"})
-    assert all(row.get("log_lambda") is None for row in remote)
+    # every column comes back, the list-valued log_lambda through its key/i components
+    assert table(remote) == table(local)
+    lambdas = [row.get("log_lambda") for row in remote]
+    assert lambdas == [row.get("log_lambda") for row in local]
+    assert sum(isinstance(x, float) for x in lambdas) >= len(lambdas) - 3  # None: step 0
 
     # the CLI of collect.py reads the export as any runs root
     proc = subprocess.run(
@@ -284,3 +280,33 @@ def test_filters_and_history_values():
     (record,) = wandb_export.history_records(rows)
     assert record["step"] == 1 and record["wall_time"] == 5.0 and "y" not in record
     assert record["x"] != record["x"]  # NaN
+
+
+def test_flatten_record_round_trip():
+    record = {
+        "step": 3,
+        "wall_time": 1.5,
+        "loss": 0.25,
+        "ok": True,
+        "method": "shine",
+        "log_lambda": [-2.0, 1.0, 3],
+        "opa/prescribed/cos_median": 0.9,
+        "nested": {"a": 1},
+        "missing": None,
+    }
+    row = flatten_record(record)
+    assert row == {
+        "loss": 0.25,
+        "ok": True,
+        "method": "shine",
+        "log_lambda/0": -2.0,
+        "log_lambda/1": 1.0,
+        "log_lambda/2": 3,
+        "opa/prescribed/cos_median": 0.9,
+    }
+    assert unflatten_record(row) == {
+        k: v for k, v in record.items() if k not in ("step", "wall_time", "nested", "missing")
+    }
+    # incomplete index runs and keys that exist on their own are left alone
+    assert unflatten_record({"a/1": 1.0}) == {"a/1": 1.0}
+    assert unflatten_record({"a": 2.0, "a/0": 1.0}) == {"a": 2.0, "a/0": 1.0}

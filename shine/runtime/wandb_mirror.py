@@ -20,6 +20,57 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["disabled", "offline", "online"]
 _MODES = ("disabled", "offline", "online")
+_SCALARS = (numbers.Number, bool, str)
+
+
+def _is_number_list(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) > 0
+        and all(isinstance(x, numbers.Number) and not isinstance(x, bool) for x in value)
+    )
+
+
+def flatten_record(
+    record: Mapping[str, Any], skip: Sequence[str] = ("step", "wall_time")
+) -> dict[str, Any]:
+    """The wandb history row of a metrics record.
+
+    Numbers, booleans and strings are kept; a list of numbers ``key: [a, b]`` becomes the
+    components ``key/0: a, key/1: b`` (wandb plots scalars only); other values (nested
+    structures, ``None``) and the keys in ``skip`` (the record's bookkeeping) are left out.
+    :func:`unflatten_record` is the inverse.
+    """
+    row: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in skip:
+            continue
+        if isinstance(value, _SCALARS):
+            row[key] = value
+        elif _is_number_list(value):
+            row.update({f"{key}/{i}": x for i, x in enumerate(value)})
+    return row
+
+
+def unflatten_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_record`: ``key/0 .. key/n-1`` back into the list ``key``.
+
+    Only complete runs of indices ``0..n-1`` are merged (and only when ``key`` itself is not a
+    field of the row); anything else is returned unchanged.
+    """
+    groups: dict[str, dict[int, Any]] = {}
+    for key, value in row.items():
+        base, sep, index = str(key).rpartition("/")
+        if sep and base and index.isdigit() and str(int(index)) == index:
+            groups.setdefault(base, {})[int(index)] = value
+    out = dict(row)
+    for base, parts in groups.items():
+        if base in row or sorted(parts) != list(range(len(parts))):
+            continue
+        for i in range(len(parts)):
+            del out[f"{base}/{i}"]
+        out[base] = [parts[i] for i in range(len(parts))]
+    return out
 
 
 class WandbMirror:
@@ -102,23 +153,17 @@ class WandbMirror:
         logger.info("wandb mirror started (%s mode) in %s", self.mode, directory)
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Mirror one metrics record (its numeric and boolean values) at its ``step``."""
+        """Mirror one metrics record at its ``step`` (see :func:`flatten_record`)."""
         if self._run is None:
             return
-        values = {
-            k: v
-            for k, v in record.items()
-            if k not in ("step", "wall_time") and isinstance(v, (numbers.Number, bool))
-        }
-        self._run.log(values, step=int(record["step"]))
+        self._run.log(flatten_record(record), step=int(record["step"]))
 
     def finish(self, summary: Mapping[str, Any] | None = None) -> None:
         """Write the final metrics to the wandb summary and close the run (no-op if not open)."""
         if self._run is None:
             return
         if summary:
-            for key, value in summary.items():
-                if isinstance(value, (numbers.Number, bool, str)):
-                    self._run.summary[key] = value
+            for key, value in flatten_record(summary, skip=()).items():
+                self._run.summary[key] = value
         self._run.finish()
         self._run = None
