@@ -53,11 +53,19 @@ def figure(
 
 
 def save(fig, stem: str | Path) -> list[Path]:
-    """Write ``<stem>.pdf`` and ``<stem>.png`` (300 dpi), creating the directory; close ``fig``."""
+    """Write ``<stem>.pdf`` and ``<stem>.png`` (300 dpi), creating the directory; close ``fig``.
+
+    No creation date or software version is embedded, so the same table gives the same bytes
+    (regenerated figures show no spurious diff).
+    """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+    metadata = {
+        ".pdf": {"CreationDate": None, "Producer": None, "Creator": None},
+        ".png": {"Software": None},
+    }
     for path in paths:
-        fig.savefig(path, dpi=300, bbox_inches="tight")
+        fig.savefig(path, dpi=300, bbox_inches="tight", metadata=metadata[path.suffix])
     plt.close(fig)
     return paths
