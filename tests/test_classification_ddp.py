@@ -240,3 +240,26 @@ def test_train_py_under_torchrun_writes_one_run_directory(tmp_path):
     assert "process 0 of 2" in log and "process 1 of 2" not in log  # rank 1 kept out of it
     assert "resuming after step 2" in log
     assert log.count("data parallel over 2 processes: 16 samples per process") == 2
+
+
+@pytest.mark.slow
+def test_run_interrupted_on_two_processes_resumes_on_one(tmp_path):
+    # the global batches do not depend on the number of processes, so a run cut on 2 processes
+    # and resumed on 1 (e.g. requeued on a smaller allocation) ends as the 1-process run
+    run([sys.executable, str(WORKER), "one", "ift"], tmp_path)
+    run([*TORCHRUN, str(WORKER), "two", "ift:stop"], tmp_path)
+    moved = tmp_path / "two" / "ift_moved"
+    assert [r["step"] for r in records(moved)] == [0, 1, 2, 3]
+    run([sys.executable, str(WORKER), "two", "ift:finish"], tmp_path)
+    a, b = final_model(tmp_path / "one" / "ift"), final_model(moved)
+    for key in a:  # IFT solves both sides to ~1e-12: the batch split changes rounding only
+        torch.testing.assert_close(b[key], a[key], rtol=1e-9, atol=1e-12, msg=key)
+    ra, rb = records(tmp_path / "one" / "ift"), records(moved)
+    assert [r["step"] for r in rb] == [r["step"] for r in ra] == list(range(7))
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("loss", "test_loss", "acc", "test_top1"):
+            assert (key in x) == (key in y)
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-12), (x["step"], key)
+    summary = json.loads((moved / "summary.json").read_text())
+    assert summary["n_steps"] == 6 and summary["n_starts"] == 2

@@ -3,7 +3,10 @@
 Usage: ``python ddp_classification_worker.py OUT_DIR STRATEGY...`` (one process) or
 ``torchrun --standalone --nproc_per_node=2 ddp_classification_worker.py OUT_DIR STRATEGY...``
 with STRATEGY ``ift`` or ``shine``, optionally suffixed ``:cut`` (stop after 3 steps, then
-resume in the same processes). Each strategy runs in its own run directory ``OUT_DIR/STRATEGY``,
+resume in the same processes), ``:stop`` (stop after 3 steps) or ``:finish`` (run to the end; in
+the directory of ``:stop``, so that another process count can resume what ``:stop`` started).
+Each strategy runs in its own run directory ``OUT_DIR/STRATEGY`` (``STRATEGY_cut``,
+``STRATEGY_moved`` for ``:stop``/``:finish``),
 ordered as ``train.py`` orders it: rank 0 writes it, the other ranks open it read-only.
 The global batch is the same with 1 and 2 processes.
 """
@@ -106,16 +109,20 @@ def main(out: str, strategies: list[str]) -> None:
     info = init_distributed()
     torch.set_num_threads(1)
     for item in strategies:
-        strategy, _, cut = item.partition(":")
+        strategy, _, mode = item.partition(":")
+        if mode not in ("", "cut", "stop", "finish"):
+            raise ValueError(f"unknown mode {mode!r} in {item!r}")
         task = make_task(strategy)
-        path = Path(out) / item.replace(":", "_")
-        if cut:
+        suffix = {"": "", "cut": "_cut"}.get(mode, "_moved")
+        path = Path(out) / f"{strategy}{suffix}"
+        if mode in ("cut", "stop"):
             run(
                 path,
                 replace(task, trainer=Trainer(checkpoint_every=2, stop_after=3)),
                 info.is_main,
             )
-        run(path, task, info.is_main)
+        if mode != "stop":
+            run(path, task, info.is_main)
     if distributed:
         shutdown()
         # gloo's background threads can abort the interpreter's shutdown ("terminate called
