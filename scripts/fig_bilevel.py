@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from plot_style import figure, save
+from timing_utils import TARGETS, median_or_nan, time_to_within
 
 logger = logging.getLogger("fig_bilevel")
 
@@ -101,7 +102,6 @@ DATASET_LABELS = {
     "synthetic_news_small": "synthetic 20news-like (small)",
     "breast_cancer": "breast cancer",
 }
-TARGETS = {"1pct": 1e-2, "0p1pct": 1e-3}
 SUMMARY_COLUMNS = [
     "artefact",
     "dataset",
@@ -225,21 +225,6 @@ def curve(
     return res
 
 
-def time_to_target(arr: np.ndarray, best: float, rel: float) -> float:
-    """Time of the first step whose loss is within ``rel`` (relative) of ``best``; inf if never."""
-    threshold = best + rel * abs(best)
-    hit = np.flatnonzero(np.isfinite(arr[:, 2]) & (arr[:, 2] <= threshold))
-    return float(arr[hit[0], 1]) if hit.size else math.inf
-
-
-def _median_or_nan(values: Sequence[float]) -> float:
-    """Median with ``inf`` = never; NaN when the median seed never gets there (or no value)."""
-    if not values:
-        return math.nan
-    med = float(np.median(np.asarray(values, float)))
-    return med if math.isfinite(med) else math.nan
-
-
 def summarize(rows: Sequence[dict[str, Any]], artefact: str) -> list[dict[str, Any]]:
     """Per (dataset, loss, method) of the artefact: the numbers of ``summary.csv``."""
     spec = FIGURES[artefact]
@@ -262,19 +247,19 @@ def summarize(rows: Sequence[dict[str, Any]], artefact: str) -> list[dict[str, A
                 bests.append(best[seed])
                 totals.append(arr[-1, 1])
                 for key, rel in TARGETS.items():
-                    reach[key].append(time_to_target(arr, best[seed], rel))
+                    reach[key].append(time_to_within(arr[:, 1], arr[:, 2], best[seed], rel))
             row: dict[str, Any] = {
                 "artefact": artefact,
                 "dataset": panel[0],
                 "loss": panel[1],
                 "method": method,
                 "n_seeds": len(finals),
-                "median_final_test_loss": _median_or_nan(finals),
-                "median_best_test_loss": _median_or_nan(bests),
-                "median_total_time": _median_or_nan(totals),
+                "median_final_test_loss": median_or_nan(finals),
+                "median_best_test_loss": median_or_nan(bests),
+                "median_total_time": median_or_nan(totals),
             }
             for key in TARGETS:
-                row[f"median_time_to_{key}"] = _median_or_nan(reach[key])
+                row[f"median_time_to_{key}"] = median_or_nan(reach[key])
                 row[f"n_seeds_reaching_{key}"] = sum(math.isfinite(t) for t in reach[key])
             out.append(row)
     return out

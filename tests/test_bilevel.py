@@ -125,6 +125,22 @@ def test_regularised_oracles_and_cross_derivative_match_autograd(groups):
     torch.testing.assert_close(dense_cross @ q if groups is not None else dense_cross @ q, cross)
 
 
+def test_hvp_operator_computes_the_curvature_once_and_only_when_used(monkeypatch):
+    inner = make_problem().inner
+    w = torch.randn(inner.n_features, dtype=DT)
+    q = torch.randn_like(w)
+    lam = torch.tensor(-1.0, dtype=DT)
+    expected = inner.hvp(w, lam, q)
+    calls = []
+    curvature = inner.data_loss.curvature
+    monkeypatch.setattr(inner.data_loss, "curvature", lambda w: calls.append(1) or curvature(w))
+    hvp = inner.hvp_at(w, lam)
+    assert calls == []  # SHINE / Jacobian-Free never multiply: no pass over X for them
+    torch.testing.assert_close(hvp(q), expected)
+    torch.testing.assert_close(hvp(2 * q), 2 * expected)
+    assert calls == [1]
+
+
 def test_shifted_curvature_pairs_are_exact_secant_pairs_at_the_new_lambda():
     inner = make_problem().inner
     gen = torch.Generator().manual_seed(1)

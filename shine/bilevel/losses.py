@@ -352,10 +352,20 @@ class L2Regularized:
         return self.data_loss.loss_hvp(w, v) + self._scale(log_lambda, w) * v
 
     def hvp_at(self, w: Tensor, log_lambda: LogLambda) -> Any:
-        """The operator ``v -> ∇²_w h(w, λ) v`` with the curvature at ``w`` computed once."""
-        curvature = self.data_loss.curvature(w)
+        """The operator ``v -> ∇²_w h(w, λ) v`` with the curvature at ``w`` computed once.
+
+        The curvature (one pass over ``X``) is computed at the first product only: backward
+        strategies that never multiply by the Hessian (SHINE, Jacobian-Free) do not pay for it.
+        """
         scale = self._scale(log_lambda, w)
-        return lambda v: self.data_loss.loss_hvp(w, v, curvature) + scale * v
+        cache: list[Tensor] = []
+
+        def hvp(v: Tensor) -> Tensor:
+            if not cache:
+                cache.append(self.data_loss.curvature(w))
+            return self.data_loss.loss_hvp(w, v, cache[0]) + scale * v
+
+        return hvp
 
     def hessian(self, w: Tensor, log_lambda: LogLambda) -> Tensor:
         """Dense ``∇²_w h``, ``(p, p)`` (small ``p`` only)."""
