@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 
 OPA_RUN := $(RUNS)/opa_inversion/seed=0
 
-.PHONY: help venv bench-venv test test-quick demo bench bench-core bench-bilevel sweeps-bilevel collect lint format figures clean
+.PHONY: help venv bench-venv test test-quick demo bench bench-core bench-bilevel bench-deq sweeps-bilevel collect lint format figures clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,13 +59,16 @@ demo: venv ## main job: SHINE vs HOAG vs JF (bi-level) and vs the original DEQ b
 bench-venv: venv
 	$(call install,dev$(comma)bench,$(BENCH_STAMP))
 
-bench: bench-core bench-bilevel ## every benchmark (prints measured ratios and PASS/FAIL targets)
+bench: bench-core bench-bilevel bench-deq ## every benchmark (prints measured ratios and PASS/FAIL targets)
 
 bench-core: bench-venv ## core solvers and backward strategies on an MDEQ-sized state (scripts/bench_core.py)
 	$(PY) scripts/bench_core.py
 
 bench-bilevel: venv ## inner L-BFGS vs SciPy, time to 1 %/0.1 % per HOAG method (scripts/bench_bilevel.py)
 	$(PY) scripts/bench_bilevel.py
+
+bench-deq: venv ## Table E.2 protocol on the CIFAR-LARGE MDEQ: fwd/bwd per method, SHINE memory (scripts/bench_deq.py)
+	$(PY) scripts/bench_deq.py
 
 # Bi-level sweeps that run offline (breast cancer, small synthetic 20news-like set); the paper's
 # data sets are the same commands with dataset=news20 / dataset=real_sim.

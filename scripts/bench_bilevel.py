@@ -2,7 +2,9 @@
 """Bi-level benchmark: our inner L-BFGS vs SciPy's, and the paper's speed claim for SHINE.
 
     python scripts/bench_bilevel.py [--dataset synthetic_news_zipf] [--seeds 0 1 2]
-                                    [--modes robust faithful] [--threads 1] [--quick] [--out PATH]
+                                    [--modes robust faithful] [--methods hoag shine ...]
+                                    [--inner-memory restart|keep|shift] [--threads 1] [--quick]
+                                    [--out PATH]
 
 Part 1 - inner solver. On the ℓ2-logistic inner problem of the data set (train split of seed 0),
 our :class:`shine.solvers.LBFGS` as HOAG's experiment config sets it up and SciPy's L-BFGS-B
@@ -16,11 +18,17 @@ implementations.
 Part 2 - methods. Every hyper-parameter optimisation method of Figure 1 (HOAG, SHINE, SHINE refine,
 SHINE-OPA, Jacobian-Free, HOAG limited backward, grid search) runs through the real pipeline
 (the Hydra experiment configs, ``HyperparameterOptimization`` and the shared trainer, timing the
-outer steps only) on each seed. Per seed the reference is the best held-out loss reached by any
-method; for each method the time to get within 1 % and 0.1 % of it (the paper's "acceptable
-level"), its final held-out loss, and its time split into inner solves and backward. Reported:
-median over seeds, and the speed-up HOAG time / SHINE time to 1 % (target: >= 2, the paper's claim)
-with SHINE's final loss no worse than HOAG's by more than 0.1 %.
+outer steps only: inner solve, outer loss, backward and update, as the authors' callback timing)
+on each seed. Per seed the reference is the best held-out loss reached by any method; for each
+method the time to get within 1 % and 0.1 % of it (the paper's "acceptable level";
+``scripts/timing_utils.py``, shared with ``fig_bilevel.py``), its final held-out loss, its time
+split into inner solves and backward (whole run, and up to the 1 % point), its inner L-BFGS
+iterations and their cost. Reported: median over seeds, and the speed-up HOAG time / SHINE time to
+1 % (target: >= 2, the paper's claim) with SHINE's final loss no worse than HOAG's by more than
+0.1 %; when the target is missed, a ``why:`` line says which measured cost is responsible.
+The HOAG-family methods restart their L-BFGS memory at every outer step, as the authors' Figure 1
+runs (Fortran L-BFGS-B; the configs' default); ``--inner-memory keep|shift`` compares the other
+choices.
 
 Timings are medians over seeds of one run each; ratios compare methods run back to back. Targets
 print PASS/FAIL; the exit code is 0 regardless (a measurement). JSON: ``--out`` (default
@@ -52,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import minimize
+from timing_utils import TARGETS, first_within, median_or_nan, threshold, time_to_within
 
 from shine.bilevel import L2Regularized
 from shine.runtime import RunDirectory
@@ -76,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--modes", nargs="+", default=["robust", "faithful"])
     p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument(
+        "--inner-memory",
+        choices=["restart", "keep", "shift"],
+        default=None,
+        help="method.inner_memory of the HOAG-family methods (default: the configs' restart, "
+        "the authors' Figure 1 runs: Fortran L-BFGS-B restarted every outer step)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true", help="small data, one seed, few iterations")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -173,10 +189,14 @@ def quick_overrides() -> list[str]:
     ]
 
 
-def run_method(dataset: str, method: str, seed: int, mode: str, quick: bool) -> list[dict]:
+def run_method(
+    dataset: str, method: str, seed: int, mode: str, quick: bool, inner_memory: str | None = None
+) -> list[dict]:
     overrides = [f"dataset={dataset}", f"seed={seed}"] + (quick_overrides() if quick else [])
     if method not in SEARCHES:
         overrides.append(f"method.mode={mode}")
+        if inner_memory is not None:
+            overrides.append(f"method.inner_memory={inner_memory}")
         if quick:
             overrides.append("method.max_iter=8")
     # every bi-level experiment is the same but for its data set: take one family, swap the data
@@ -188,11 +208,61 @@ def run_method(dataset: str, method: str, seed: int, mode: str, quick: bool) -> 
         return run_dir.read_metrics()
 
 
-def time_to(records: list[dict], target: float) -> float:
-    for r in records:
-        if r["test_loss"] <= target:
-            return float(r["time"])
-    return math.nan
+#: per-seed quantities whose median over seeds is reported
+SUMMARY_KEYS = (
+    "time_to_1pct",
+    "time_to_0.1pct",
+    "final_test_loss",
+    "total_time",
+    "inner_time",
+    "backward_time",
+    "inner_iters",
+    "ms_per_inner_iter",
+    "steps_to_1pct",
+    "inner_time_to_1pct",
+    "backward_time_to_1pct",
+    "inner_iters_to_1pct",
+    "free_backward_bound",
+    "n_rejected",
+    "lambda_spread_last10",
+)
+
+
+def seed_row(recs: list[dict], best: float) -> dict[str, Any]:
+    """The numbers of one run (one method, one seed) against the seed's best held-out loss."""
+    times = [r["time"] for r in recs]
+    losses = [r["test_loss"] for r in recs]
+    steps = [r for r in recs if r["step"] > 0]
+    hit = first_within(losses, best, TARGETS["1pct"])
+    upto = [r for r in recs[1 : (hit or 0) + 1]] if hit is not None else []
+    inner_iters = sum(r.get("inner_iters", 0) for r in steps)
+    inner_time = sum(r.get("inner_time", 0.0) for r in steps)
+    lams = [r["log_lambda"][0] for r in steps[-10:] if r.get("log_lambda")]
+
+    def upto_sum(key: str) -> float:
+        return float(sum(r.get(key, 0.0) for r in upto)) if hit is not None else math.inf
+
+    t1, in1 = time_to_within(times, losses, best, TARGETS["1pct"]), upto_sum("inner_time")
+
+    return {
+        "best": best,
+        "time_to_1pct": t1,
+        "time_to_0.1pct": time_to_within(times, losses, best, TARGETS["0p1pct"]),
+        "final_test_loss": recs[-1]["test_loss"],
+        "total_time": recs[-1]["time"],
+        "inner_time": inner_time,
+        "backward_time": sum(r.get("backward_time", 0.0) for r in steps),
+        "inner_iters": inner_iters,
+        "ms_per_inner_iter": 1e3 * inner_time / inner_iters if inner_iters else math.nan,
+        "steps_to_1pct": float(hit) if hit is not None else math.inf,
+        "inner_time_to_1pct": upto_sum("inner_time"),
+        "backward_time_to_1pct": upto_sum("backward_time"),
+        "inner_iters_to_1pct": upto_sum("inner_iters"),
+        # time to 1 % over its inner-solve part: the speed-up a free backward could give at most
+        "free_backward_bound": t1 / in1 if 0 < in1 < math.inf else math.inf,
+        "n_rejected": sum(bool(r.get("rejected", False)) for r in steps),
+        "lambda_spread_last10": (max(lams) - min(lams)) if lams else math.nan,
+    }
 
 
 def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,45 +270,58 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
     for mode in args.modes:
         per_seed: dict[str, list[dict]] = {m: [] for m in args.methods}
         for seed in args.seeds:
-            runs = {m: run_method(args.dataset, m, seed, mode, args.quick) for m in args.methods}
+            runs = {
+                m: run_method(args.dataset, m, seed, mode, args.quick, args.inner_memory)
+                for m in args.methods
+            }
             best = min(r["test_loss"] for recs in runs.values() for r in recs)
             for m, recs in runs.items():
-                steps = [r for r in recs if r["step"] > 0]
-                per_seed[m].append(
-                    {
-                        "seed": seed,
-                        "best": best,
-                        "time_to_1pct": time_to(recs, best * 1.01),
-                        "time_to_0.1pct": time_to(recs, best * 1.001),
-                        "final_test_loss": recs[-1]["test_loss"],
-                        "total_time": recs[-1]["time"],
-                        "inner_time": sum(r.get("inner_time", 0.0) for r in steps),
-                        "backward_time": sum(r.get("backward_time", 0.0) for r in steps),
-                    }
-                )
+                per_seed[m].append({"seed": seed, **seed_row(recs, best)})
             logging.info("mode %s seed %d done", mode, seed)
-        summary = {}
-        for m, rows in per_seed.items():
-            summary[m] = {
-                k: nanmedian([row[k] for row in rows])
-                for k in (
-                    "time_to_1pct",
-                    "time_to_0.1pct",
-                    "final_test_loss",
-                    "total_time",
-                    "inner_time",
-                    "backward_time",
-                )
-            }
+        summary = {
+            m: {k: median_or_nan([row[k] for row in rows]) for k in SUMMARY_KEYS}
+            for m, rows in per_seed.items()
+        }
         out[mode] = {"per_seed": per_seed, "median": summary}
     return out
 
 
-def nanmedian(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    if len(finite) * 2 <= len(values):  # most seeds never got there
-        return math.nan
-    return float(np.median(finite))
+def verdict(hoag: dict[str, float], shine: dict[str, float]) -> tuple[float, bool, str]:
+    """Speed-up HOAG / SHINE to 1 %, whether the target is met, and why (measured), in words.
+
+    The target: SHINE at least twice as fast to 1 % of the best held-out loss, with a final
+    held-out loss no worse than HOAG's by more than 0.1 %.
+    """
+    speedup = hoag["time_to_1pct"] / shine["time_to_1pct"]
+    loss_ok = shine["final_test_loss"] <= threshold(hoag["final_test_loss"], 1e-3)
+    ok = bool(speedup >= 2.0 and loss_ok)
+    if ok:
+        return speedup, ok, "target met"
+    if math.isnan(speedup):
+        return speedup, ok, "the median seed of HOAG or SHINE never got within 1 % of the best"
+    why = []
+    if speedup < 2.0:
+        in_h, bw_h = hoag["inner_time_to_1pct"], hoag["backward_time_to_1pct"]
+        in_s, bw_s = shine["inner_time_to_1pct"], shine["backward_time_to_1pct"]
+        bound = hoag["free_backward_bound"]
+        lead = "inner solves dominate" if in_h >= bw_h else "SHINE's inner solves are costlier"
+        why.append(
+            f"{lead}: up to 1 % HOAG spends {in_h:.3f} s in inner solves and "
+            f"{bw_h:.3f} s in its CG backward ({hoag['steps_to_1pct']:.0f} outer steps), "
+            f"so a free backward with HOAG's inner solves would be at most {bound:.2f}x faster; "
+            f"SHINE's backward takes {bw_s:.3f} s but its inner solves {in_s:.3f} s "
+            f"({shine['inner_iters_to_1pct']:.0f} L-BFGS iterations at "
+            f"{shine['ms_per_inner_iter']:.1f} ms each vs HOAG's "
+            f"{hoag['inner_iters_to_1pct']:.0f} at {hoag['ms_per_inner_iter']:.1f} ms)"
+        )
+    if not loss_ok:
+        why.append(
+            f"SHINE's final held-out loss {shine['final_test_loss']:.3f} is worse than HOAG's "
+            f"{hoag['final_test_loss']:.3f} by more than 0.1 % (lambda spread over the last 10 "
+            f"steps: SHINE {shine['lambda_spread_last10']:.3f}, HOAG "
+            f"{hoag['lambda_spread_last10']:.3f}: its inexact hypergradient keeps lambda moving)"
+        )
+    return speedup, ok, "; ".join(why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,33 +359,38 @@ def main(argv: list[str] | None = None) -> int:
         f"(target >= 1): {'PASS' if ok else 'FAIL'}"
     )
 
-    print(f"== part 2: methods on {args.dataset}, seeds {args.seeds}")
+    memory = args.inner_memory or "restart (configs)"
+    print(f"== part 2: methods on {args.dataset}, seeds {args.seeds}, inner memory {memory}")
     methods = bench_methods(args)
     res["methods"] = methods
     for mode, block in methods.items():
         print(f"   mode={mode} (medians over seeds; times in s, outer steps only)")
         print(
             f"   {'method':<14} {'to 1%':>7} {'to 0.1%':>8} {'final loss':>11} "
-            f"{'total':>7} {'inner':>7} {'backward':>8}"
+            f"{'total':>7} {'inner':>7} {'backward':>8} {'in its':>7} {'ms/it':>6} "
+            f"{'steps1%':>7} {'inner1%':>7} {'bwd1%':>7}"
         )
         for m, s in block["median"].items():
             print(
                 f"   {m:<14} {s['time_to_1pct']:7.3f} {s['time_to_0.1pct']:8.3f} "
                 f"{s['final_test_loss']:11.3f} {s['total_time']:7.3f} {s['inner_time']:7.3f} "
-                f"{s['backward_time']:8.3f}"
+                f"{s['backward_time']:8.3f} {s['inner_iters']:7.0f} "
+                f"{s['ms_per_inner_iter']:6.1f} {s['steps_to_1pct']:7.0f} "
+                f"{s['inner_time_to_1pct']:7.3f} {s['backward_time_to_1pct']:7.3f}"
             )
         med = block["median"]
         if "hoag" in med and "shine" in med:
-            speedup = med["hoag"]["time_to_1pct"] / med["shine"]["time_to_1pct"]
-            loss_ok = med["shine"]["final_test_loss"] <= med["hoag"]["final_test_loss"] * 1.001
+            speedup, ok, why = verdict(med["hoag"], med["shine"])
             block["speedup_hoag_over_shine_to_1pct"] = speedup
-            ok = speedup >= 2.0 and loss_ok
-            targets[f"shine_2x_faster_than_hoag_{mode}"] = bool(ok)
+            block["verdict"] = why
+            targets[f"shine_2x_faster_than_hoag_{mode}"] = ok
             print(
                 f"   speed-up HOAG / SHINE to 1 % = {speedup:.2f} (target >= 2), final loss "
                 f"SHINE {med['shine']['final_test_loss']:.3f} vs HOAG "
                 f"{med['hoag']['final_test_loss']:.3f}: {'PASS' if ok else 'FAIL'}"
             )
+            if not ok:
+                print(f"   why: {why}")
     res["targets"] = targets
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2, default=float) + "\n")

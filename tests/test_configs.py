@@ -158,3 +158,19 @@ def test_default_config_has_no_task_and_no_experiment_entry():
     cfg = compose_train([])
     assert cfg.get("task") is None and "experiment" not in cfg
     assert cfg.overwrite is False and cfg.seed == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "memory"),
+    [
+        # Figs. 1 / E.1: the authors' Fortran L-BFGS-B restarted its memory every outer step
+        (["+sweep=fig1", "method=shine"], "restart"),
+        (["+experiment=news20_shine"], "restart"),
+        # Figs. 2 left / E.2: their pure-Python L-BFGS kept it
+        (["+sweep=fig2_left", "method=shine_opa"], "keep"),
+        (["+sweep=fig_e2", "method=hoag"], "keep"),
+        (["+experiment=nls_news20_shine"], "keep"),
+    ],
+)
+def test_inner_memory_follows_the_authors_solver_of_each_figure(overrides, memory):
+    assert compose_train(overrides).method.inner_memory == memory

@@ -236,7 +236,7 @@ class HOAG:
     mode: Literal["faithful", "robust"] = "faithful"
     max_iter: int = 29
     max_inner_iter: int = 1000
-    inner_memory: Literal["restart", "keep", "shift"] = "shift"
+    inner_memory: Literal["restart", "keep", "shift"] = "restart"
     warm_start_backward: bool = True
     first_backward_start: Literal["inner_solution", "zero"] = "inner_solution"
     opa_direction: OPADirectionKind = "outer_gradient"
