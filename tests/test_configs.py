@@ -174,3 +174,10 @@ def test_default_config_has_no_task_and_no_experiment_entry():
 )
 def test_inner_memory_follows_the_authors_solver_of_each_figure(overrides, memory):
     assert compose_train(overrides).method.inner_memory == memory
+
+
+def test_bilevel_sweeps_accept_method_overrides():
+    # Hydra composes a sweep once before the swept method is chosen: the sweep files select one
+    # so that method.* keys exist for the command line
+    cfg = compose_train(["+sweep=fig1", "method.mode=robust", "method.inner_memory=shift"])
+    assert (cfg.method.mode, cfg.method.inner_memory) == ("robust", "shift")
