@@ -209,3 +209,24 @@ def test_parameters_registered_and_training_step_reduces_loss(problem):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_previous_result_is_released_before_the_next_solve(problem):
+    # the layer must not hold the previous solve's estimate (its U, V factors) while solving
+    # again; a pending backward keeps what it needs through its own hook
+    f, x = problem
+    seen = []
+
+    class Spy:
+        def __call__(self, g, z0):
+            seen.append(layer.last_forward)
+            return Broyden(max_iter=30, tol=1e-10)(g, z0)
+
+    layer = DEQLayer(f, Spy(), Shine())
+    z1 = layer(x)
+    z2 = layer(x)
+    assert seen == [None, None]
+    loss = (z1**2).sum() + (z2**2).sum()  # both backward hooks still have their estimates
+    grads = torch.autograd.grad(loss, f.W)[0]
+    reference = 2 * torch.autograd.grad((layer(x) ** 2).sum(), f.W)[0]
+    torch.testing.assert_close(grads, reference)

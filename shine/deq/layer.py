@@ -84,6 +84,9 @@ class DEQLayer(nn.Module):
         def g(zf: Tensor) -> Tensor:
             return packer.flatten(self.f(packer.unflatten(zf), x)) - zf
 
+        # drop the previous result first: its inverse estimate (the U, V factors) would otherwise
+        # stay alive during this solve, doubling the estimate's share of the peak memory
+        self.last_forward = None
         kwargs: dict[str, Any] = {}
         if outer_grad is not None:
             kwargs["outer_grad"] = lambda zf: packer.flatten(outer_grad(packer.unflatten(zf)))
