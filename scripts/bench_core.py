@@ -430,6 +430,36 @@ def report(res: dict[str, Any]) -> None:
     )
 
 
+def environment(**extra: Any) -> dict[str, Any]:
+    """Versions and threads of this run, plus ``extra`` (the JSON's ``env`` block)."""
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        **extra,
+    }
+
+
+def summarize_targets(targets: list[dict[str, Any]], start: float) -> dict[str, Any]:
+    """Counts of passed / evaluated / skipped targets, the failed names and the wall time."""
+    evaluated = [t for t in targets if t["status"] != "SKIP"]
+    return {
+        "passed": sum(t["status"] == "PASS" for t in targets),
+        "evaluated": len(evaluated),
+        "skipped": len(targets) - len(evaluated),
+        "failed": [t["name"] for t in targets if t["status"] == "FAIL"],
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def write_json(res: dict[str, Any], out: Path) -> None:
+    """Write the benchmark's numbers to ``out`` (directories created)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -469,7 +499,6 @@ def main(argv: list[str] | None = None) -> int:
         target("backward: Shine / JacobianFree", shine_jf[0], "<=", 1.15, shine_jf[1]),
         target(f"backward: IFT({args.ift_iters}) / Shine", ift_shine[0], ">=", 10.0, ift_shine[1]),
     ]
-    evaluated = [t for t in targets if t["status"] != "SKIP"]
     res = {
         "config": {
             "batch": args.batch,
@@ -486,32 +515,17 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "f_params": sum(p.numel() for p in f.parameters()),
         },
-        "env": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torchdeq": td_version,
-            "torchdeq_skip": td_skip,
-        },
+        "env": environment(torchdeq=td_version, torchdeq_skip=td_skip),
         "forward": forward,
         "backward": backward,
         "memory": memory,
         "ratios": ratios,
         "targets": targets,
-        "summary": {
-            "passed": sum(t["status"] == "PASS" for t in targets),
-            "evaluated": len(evaluated),
-            "skipped": len(targets) - len(evaluated),
-            "failed": [t["name"] for t in targets if t["status"] == "FAIL"],
-            "wall_s": time.perf_counter() - start,
-        },
+        "summary": summarize_targets(targets, start),
         "out": str(args.out),
     }
     report(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(res, args.out)
     return 0
 
 
