@@ -78,7 +78,7 @@ ARTEFACTS := fig1 fig_e1 fig2_left fig_e2
 DEQ_FIGURES := fig3 fig_e3
 DEQ_TABLES := table_e1 table_e2 table_e3
 
-sweeps-bilevel: venv ## run the bi-level figure sweeps on the offline data sets (~30 CPU min)
+sweeps-bilevel: venv ## run the bi-level figure sweeps on the offline data sets (~10 CPU min)
 	@for sweep in $(BILEVEL_SWEEPS); do for data in $(BILEVEL_DATA); do \
 		$(PY) train.py -m +sweep=$$sweep dataset=$$data || exit 1; done; done
 
