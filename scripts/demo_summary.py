@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 BILEVEL = ("hoag", "shine", "jacobian_free")
 DEQ = ("original", "shine", "jacobian_free")
 
@@ -38,6 +40,15 @@ def bilevel_table(summary_csv: Path) -> dict[str, dict[str, float]]:
         for method in BILEVEL
         if method in rows
     }
+
+
+def bilevel_settings(root: Path) -> dict[str, str] | None:
+    """The outer step rule and L-BFGS memory policy of the demo's SHINE runs (their configs)."""
+    for path in sorted((root / "sweeps" / "demo_bilevel").glob("*/config.yaml")):
+        method = (yaml.safe_load(path.read_text()) or {}).get("method") or {}
+        if method.get("name") == "shine":
+            return {"mode": str(method.get("mode")), "memory": str(method.get("inner_memory"))}
+    return None
 
 
 def deq_table(root: Path) -> dict[str, dict[str, float]]:
@@ -68,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if "hoag" in bilevel and "shine" in bilevel:
         ratio = bilevel["hoag"]["time_to_1pct"] / bilevel["shine"]["time_to_1pct"]
         print(f"   speed-up of SHINE over HOAG to 1 % of the best: {ratio:.2f}x")
+    settings = bilevel_settings(args.runs)
+    if settings is not None:
+        print(
+            f"   settings: outer step rule {settings['mode']}, L-BFGS memory {settings['memory']} "
+            "across outer steps (the authors' Figure 1: faithful, restart; our outer loop: "
+            "python train.py -m +sweep=demo_bilevel method.mode=robust)"
+        )
     print("\n== DEQ: tiny MDEQ on digits")
     for method, row in deq.items():
         print(

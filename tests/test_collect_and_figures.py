@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import collect  # noqa: E402
+import demo_summary  # noqa: E402
 import fig_bilevel  # noqa: E402
 import plot_style  # noqa: E402
 
@@ -361,3 +362,14 @@ def test_saved_figures_are_byte_identical_across_saves(tmp_path):
     for a, b in zip(first, second, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.suffix
     assert b"CreationDate" not in first[0].read_bytes()  # the PDF (saves within one second agree)
+
+
+def test_demo_summary_reads_the_settings_of_the_shine_runs(tmp_path):
+    sweep = tmp_path / "sweeps" / "demo_bilevel"
+    for method, mode in [("hoag", "faithful"), ("shine", "robust")]:
+        run = sweep / f"method={method},seed=0"
+        run.mkdir(parents=True)
+        config = {"method": {"name": method, "mode": mode, "inner_memory": "restart"}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert demo_summary.bilevel_settings(tmp_path) == {"mode": "robust", "memory": "restart"}
+    assert demo_summary.bilevel_settings(tmp_path / "nowhere") is None
