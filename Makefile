@@ -39,7 +39,7 @@ endef
 venv: ## create or update .venv (pip install -e ".[dev]"; no-op when up to date)
 	$(call install,dev,$(VENV_STAMP))
 
-test: venv ## run the whole test suite, slow end-to-end tests included (~5 min on 2 cores; one OpenMP thread per process)
+test: venv ## run the whole test suite, slow end-to-end tests included (~6-7 min on 2 cores; one OpenMP thread per process)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 test-quick: venv ## run the tests not marked slow
@@ -64,10 +64,10 @@ bench: bench-core bench-bilevel bench-deq ## every benchmark (prints measured ra
 bench-core: bench-venv ## core solvers and backward strategies on an MDEQ-sized state (scripts/bench_core.py)
 	$(PY) scripts/bench_core.py
 
-bench-bilevel: venv ## inner L-BFGS vs SciPy, time to 1 %/0.1 % per HOAG method (scripts/bench_bilevel.py)
+bench-bilevel: venv ## inner L-BFGS vs SciPy, time to 1 %/0.1 % per HOAG method, ~15 min (scripts/bench_bilevel.py)
 	$(PY) scripts/bench_bilevel.py
 
-bench-deq: venv ## Table E.2 protocol on the CIFAR-LARGE MDEQ: fwd/bwd per method, SHINE memory (scripts/bench_deq.py)
+bench-deq: venv ## Table E.2 protocol on the CIFAR-LARGE MDEQ: fwd/bwd per method, SHINE memory, ~3 min (scripts/bench_deq.py)
 	$(PY) scripts/bench_deq.py
 
 # Bi-level sweeps that run offline (breast cancer, small synthetic 20news-like set); the paper's
