@@ -46,9 +46,10 @@ class BestIterateTracker:
         norm = batch_norm(gz) if norm is None else norm
         self._trace.append(norm)
         better = (norm < self.best_residual) & ~self.converged
-        if bool(better.all()):
+        n_better = int(better.sum())  # one device sync for both cases
+        if n_better == better.numel():
             self.best_z = z  # no copy: the solvers never modify an iterate in place
-        elif bool(better.any()):
+        elif n_better:
             self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_residual = torch.where(better, norm, self.best_residual)
         self.best_step = torch.where(better, torch.full_like(self.best_step, step), self.best_step)
