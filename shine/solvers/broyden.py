@@ -169,20 +169,20 @@ class Broyden:
                 Hg = h0 * gz
             H = mem.estimate()
             Hg_new = H.matvec(g_new)
-            if self.line_search or any_bad or restarted:
+            general = self.line_search or any_bad or restarted
+            if general:
                 s = z_new - z
                 v = H.rmatvec(s)  # Hᵀ s
-                v_g_new = batch_dot(v, g_new)
                 num = s - (Hg_new - Hg)  # s - H y
-                den = v_g_new - batch_dot(v, gz)  # sᵀ H y
             else:
                 # full step s = -q with q = H g(z_n) the cached product: s - H y = -H g(z_{n+1}).
                 # The term u vᵀ is stored as (-u)(-v)ᵀ: v' = Hᵀ q, u' = H g(z_{n+1}) / -(v'ᵀ y),
                 # which spares two negations of (B, D) tensors
                 v = H.rmatvec(q)
-                v_g_new = batch_dot(v, g_new)
                 num = Hg_new
-                den = batch_dot(v, gz) - v_g_new
+            v_g_new = batch_dot(v, g_new)
+            vy = v_g_new - batch_dot(v, gz)  # vᵀ y: sᵀ H y, or its negative for v' = Hᵀ q
+            den = vy if general else -vy
             u, ok = _safe_division(num, den, active & ~bad)
             if mem.frozen:
                 Hg = Hg_new

@@ -199,7 +199,7 @@ class LowRankMemory:
             self.U[:, slot] = u
             self.V[:, slot] = v
             self.col_step[:, slot] = step
-        elif overwrote or slot < self.n_cols:
+        elif overwrote:  # columns fill in order: a slot is in use iff the memory is full
             self.U[:, slot] = torch.where(mask[:, None], u, self.U[:, slot])
             self.V[:, slot] = torch.where(mask[:, None], v, self.V[:, slot])
             self.col_step[:, slot] = torch.where(mask, step, self.col_step[:, slot])
