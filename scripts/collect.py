@@ -339,25 +339,12 @@ def deduplicate(runs: list[Run], artefact: Artefact) -> list[Run]:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON records of a ``metrics.jsonl``, skipping unparsable lines with a warning."""
+    """The JSON records of a ``metrics.jsonl`` (:func:`deq_results.read_jsonl`), warning when
+    the file is missing (the run then contributes no rows)."""
     if not path.is_file():
         logger.warning("%s is missing: the run contributes no rows", path)
         return []
-    records = []
-    with path.open(encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("%s:%d: unparsable line skipped (truncated run?)", path, lineno)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                logger.warning("%s:%d: not a JSON object, skipped", path, lineno)
-    return records
+    return deq_results.read_jsonl(path)
 
 
 def cell(value: Any) -> str:

@@ -219,20 +219,27 @@ def label(family: str, n: int | str) -> str:
 
 # ----------------------------------------------------------------------- run reading
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` (unparsable lines skipped with a warning)."""
+    """The JSON-object records of a ``metrics.jsonl`` (``[]`` when missing).
+
+    Unparsable lines (a run killed mid-write) and lines that are not JSON objects are skipped
+    with a warning. Shared with ``collect.py``.
+    """
     if not path.is_file():
         return []
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s:%d: unparsable line skipped", path, lineno)
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s:%d: unparsable line skipped (truncated run?)", path, lineno)
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                logger.warning("%s:%d: not a JSON object, skipped", path, lineno)
     return out
 
 
