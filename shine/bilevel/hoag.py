@@ -17,18 +17,67 @@ solved by hypergradient descent on the log-regularisation ``λ``. One outer iter
 3. **hypergradient** ``dL/dλ = -(∂_λ∇_w h)ᵀ q`` and the outer update with HOAG's step rule;
 4. the tolerance decreases: ``ε_{k+1} = ρ ε_k`` (floor ``1e-12``; halved on a rejected step).
 
-Two step rules (:class:`HOAG` ``mode``):
+Two presets (:class:`HOAG` ``mode``), each a choice of six independent behaviours that can
+also be set one by one (a field left at ``None`` follows the preset):
 
-* ``"faithful"`` reproduces the authors' code (official-code notes §2.2; fabianp/hoag): first
-  ``L = ‖∇λ‖/√G``; step ``λ ← clip(λ - ∇λ/L)`` then, judged on the outer loss of the *new*
-  inner solution against the previous one, either ``L ← 0.95 L`` and a **second** step, or a
-  rejection (``L ← 2L``, back to the previous ``λ``, ``ε ← ε/2``) when the loss grew by 20 %,
-  or else a second step as well; bounds ``[-12, 12]``.
-* ``"robust"`` fixes its quirks: one step of length ``1/L`` (capped by ``max_step``); the step
-  is judged on the loss at the point it leads to, and a step that increases the outer loss beyond
-  the inexactness slack ``C ε |L|`` is undone (back to the last accepted ``λ``, ``L ← 2L``,
-  ``ε ← ε/2``, and the next iteration recomputes the hypergradient there at the tighter ``ε``);
-  ``L ← 0.95 L`` only after a sufficient decrease.
+============================ ============================== ==================================
+behaviour (field)            ``mode="faithful"``: the        ``mode="robust"``: ours
+                             authors' code
+============================ ============================== ==================================
+``step_rule``                ``"authors"``                  ``"safeguarded"``
+``tolerance_reference``      ``"aliased"``                  ``"current"``
+``estimate``                 ``"authors"``                  ``"solver"``
+``inner_solver``             ``"scipy_lbfgsb"`` with        ``"solver"``
+                             ``inner_memory="restart"`` and
+                             no OPA, else
+                             ``"authors_lbfgs"``
+``inner_stop_test``          ``"every_evaluation"`` with    ``"iterates"``
+                             ``inner_memory="restart"``,
+                             else ``"iterates"``
+``opa_schedule``             ``"countdown"``                ``"fixed"``
+============================ ============================== ==================================
+
+* ``step_rule="authors"`` (``hoag_lbfgs``; fabianp/hoag): first ``L = ‖∇λ‖/√G``; step
+  ``λ ← clip(λ - ∇λ/L)`` then, judged on the outer loss of the *new* inner solution against the
+  previous one, either ``L ← 0.95 L`` and a **second** step, or a rejection (``L ← 2L``, back to
+  the previous ``λ``, ``ε ← ε/2``) when the loss grew by 20 %, or else a second step as well;
+  bounds ``[-12, 12]``. ``"safeguarded"``: one step of length ``1/L`` (capped by
+  ``max_step``); the step is judged on the loss at the point it leads to, and a step that
+  increases the outer loss beyond the inexactness slack ``C ε |L|`` is undone (back to the last
+  accepted ``λ``, ``L ← 2L``, ``ε ← ε/2``, and the next iteration recomputes the hypergradient
+  there at the tighter ``ε``); ``L ← 0.95 L`` only after a sufficient decrease.
+* ``tolerance_reference``: the factor ``exp(min λ_ref - min λ_0)`` of the inner tolerance.
+  ``"aliased"`` is what the authors' code computes: it writes
+  ``exp(min(old_lambdak) - min(lambda0))``, but its ``lambda0`` array *is* the iterate that the
+  outer step updates in place, so "``λ_0``" is the current ``λ_k`` until the first rejected
+  step, whose ``lambdak = old_lambdak.copy()`` rebinds the iterate and leaves ``lambda0``
+  frozen at the rejected trial value; ``λ_ref`` is their ``old_lambdak`` (the ``λ`` before the
+  last step, or the intermediate point after the first half of a double step). ``"initial"``
+  is the literal reading (``λ_0`` fixed, ``λ_ref = old_lambdak``); ``"current"``:
+  ``λ_ref = λ_k``, ``λ_0`` fixed (the tolerance follows the strength of the regularisation of
+  the problem being solved).
+* ``estimate``: what a SHINE-type backward receives as inverse Hessian. ``"authors"``: with
+  ``inner_memory="restart"``, the fork's SciPy ``LbfgsInvHessProduct`` on the L-BFGS-B
+  workspace (``H0 = I`` and the workspace's circular order, see
+  :func:`shine.solvers.lbfgs.lbfgsb_workspace_inverse`); otherwise their pure-Python two-loop
+  recursion (``H0 = I``, pairs oldest first). ``"solver"``: the estimate of the inner solver
+  itself (``H0 = γ I`` with ``scale_gamma``, chronological): a better hypergradient.
+* ``inner_solver``: ``"scipy_lbfgsb"`` runs the inner problems with SciPy's L-BFGS-B
+  (:class:`shine.solvers.ScipyLBFGSB`, with the ``memory`` and ``max_ls`` of ``solver``), the
+  solver of the authors' Figures 1 and E.1; ``"authors_lbfgs"`` runs ``solver`` set up as the
+  authors' pure-Python L-BFGS of Figures 2 left and E.2 (``H0 = I``: no ``γ`` scaling,
+  ``c2 = 9e-4``, no curvature check, at least one iteration per solve, their OPA rule
+  ``opa_schedule="authors"`` and ``e`` rescaled to ``‖s_{n-1}‖``; their line search was
+  SciPy's and is ours here, and a failed line search does not take their blind 0.01 step);
+  ``"solver"`` runs ``solver`` as configured (our PyTorch L-BFGS, on any device).
+* ``inner_stop_test``: ``"every_evaluation"`` tests the inner tolerance at every function
+  evaluation, line-search trial points included, as their reverse-communication driver of
+  L-BFGS-B did; ``"iterates"`` at accepted iterates only (see :class:`LBFGS` ``stop_test``).
+* ``opa_schedule`` (SHINE-OPA): ``"countdown"``: the OPA frequency of outer iteration ``k`` is
+  ``max(1, (max_iter + 1 - k) // opa_countdown)`` (the authors' ``maxiter - it``, divided by
+  their ``opa_freq_coef``: 1 for logistic regression, 4 for NLS), so OPA pairs become more
+  frequent as the outer loop goes on; ``"fixed"``: every ``solver.opa_every`` iterations (the
+  paper's fixed ``M``).
 
 The outer loop is a stepper (``start``, ``step``, ``state_dict``) driven by
 :class:`shine.training.Trainer`, which times it, logs it and checkpoints it.
@@ -50,7 +99,8 @@ from torch import Tensor
 from shine.backward.base import BackwardStrategy
 from shine.bilevel.losses import L2Regularized, LinearModelLoss
 from shine.solvers.base import SolverResult
-from shine.solvers.lbfgs import LBFGS, LBFGSMemory
+from shine.solvers.lbfgs import LBFGS, LBFGSMemory, lbfgsb_workspace_inverse
+from shine.solvers.scipy_lbfgsb import ScipyLBFGSB
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +243,54 @@ def memory_from_state(state: dict[str, Any] | None) -> LBFGSMemory | None:
 
 
 OPADirectionKind = Literal["outer_gradient", "cross_derivative"]
+StepRule = Literal["authors", "safeguarded"]
+ToleranceReference = Literal["aliased", "initial", "current"]
+EstimateKind = Literal["authors", "solver"]
+InnerStopTest = Literal["every_evaluation", "iterates"]
+InnerSolverKind = Literal["scipy_lbfgsb", "authors_lbfgs", "solver"]
+OPASchedule = Literal["countdown", "fixed"]
+
+#: :class:`LBFGS` settings of the authors' pure-Python L-BFGS (``hoag/lbfgs.py``)
+AUTHORS_PURE_PYTHON_LBFGS: dict[str, Any] = {
+    "scale_gamma": False,
+    "c1": 1e-4,
+    "c2": 9e-4,
+    "curvature_check": False,
+    "min_iter": 1,
+    "opa_schedule": "authors",
+    "opa_normalize": True,
+}
+
+#: the values of the behaviours that ``mode`` presets (``None`` fields follow it)
+_PRESETS: dict[str, dict[str, str]] = {
+    "faithful": {
+        "step_rule": "authors",
+        "tolerance_reference": "aliased",
+        "estimate": "authors",
+        # their Fortran L-BFGS-B for a memory restarted at every solve (Figs. 1, E.1) if no OPA
+        "inner_solver": "scipy_lbfgsb",
+        # their Fortran L-BFGS-B driver (restart) tested every evaluation; their pure-Python
+        # L-BFGS (memory kept) tested accepted iterates
+        "inner_stop_test": "every_evaluation",
+        "opa_schedule": "countdown",
+    },
+    "robust": {
+        "step_rule": "safeguarded",
+        "tolerance_reference": "current",
+        "estimate": "solver",
+        "inner_solver": "solver",
+        "inner_stop_test": "iterates",
+        "opa_schedule": "fixed",
+    },
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "step_rule": ("authors", "safeguarded"),
+    "tolerance_reference": ("aliased", "initial", "current"),
+    "estimate": ("authors", "solver"),
+    "inner_solver": ("scipy_lbfgsb", "authors_lbfgs", "solver"),
+    "inner_stop_test": ("every_evaluation", "iterates"),
+    "opa_schedule": ("countdown", "fixed"),
+}
 
 
 @dataclass(frozen=True)
@@ -205,7 +303,21 @@ class HOAG:
         backward: a backward strategy (``Shine()``, ``JacobianFree()``) or a
             :class:`Scheduled` one (HOAG's CG, refine); solves ``uᵀ∇²h = -∇Lᵀ``.
         tolerance: the schedule of ``ε_k``.
-        mode: ``"faithful"`` or ``"robust"`` step rule.
+        mode: ``"faithful"`` (the authors' code) or ``"robust"`` (ours): the preset of
+            ``step_rule``, ``tolerance_reference``, ``estimate`` and ``inner_stop_test`` (see
+            the module docstring).
+        step_rule: ``"authors"`` (double step, 20 % rejection) or ``"safeguarded"``; ``None``
+            follows ``mode``.
+        tolerance_reference: ``"aliased"``, ``"initial"`` or ``"current"``; ``None`` follows
+            ``mode``.
+        estimate: ``"authors"`` or ``"solver"`` inverse estimate for SHINE-type backwards;
+            ``None`` follows ``mode``.
+        inner_solver: ``"scipy_lbfgsb"``, ``"authors_lbfgs"`` or ``"solver"``; ``None`` follows
+            ``mode`` (faithful: ``"scipy_lbfgsb"`` with ``inner_memory="restart"`` and no OPA,
+            else ``"authors_lbfgs"``).
+        inner_stop_test: ``"every_evaluation"`` or ``"iterates"``; ``None`` follows ``mode``
+            (faithful: ``"every_evaluation"`` with ``inner_memory="restart"``, else
+            ``"iterates"``).
         max_iter: number of outer iterations (the authors' ``maxiter=30`` gives 29).
         max_inner_iter: cap on the L-BFGS iterations of one inner solve (1000).
         inner_memory: what the next inner solve starts from: ``"restart"``, an empty L-BFGS
@@ -219,9 +331,9 @@ class HOAG:
             authors' code); ``"zero"``: from 0.
         opa_direction: OPA direction of the inner solver: the outer gradient ``∇L(w)`` (the
             authors' code, targets ``H ∇L`` used by SHINE) or ``∂_λ∇_w h = e^λ w`` (paper eq. 5).
-        opa_countdown: if set, the OPA frequency of outer iteration ``k`` is
-            ``max(1, (max_iter - k) // opa_countdown)`` (the authors' code: 1 for logistic
-            regression, 4 for NLS) instead of the solver's fixed ``opa_every``.
+        opa_schedule: ``"countdown"`` or ``"fixed"`` OPA frequency; ``None`` follows ``mode``.
+        opa_countdown: the divisor of the countdown schedule (the authors' ``opa_freq_coef``: 1
+            for logistic regression, 4 for NLS).
         bounds: box constraint of ``λ``.
         step_c: constant ``C`` of the step test (0.25).
         reject_factor: faithful mode: reject when ``L_k >= reject_factor · L_{k-1}``.
@@ -234,13 +346,19 @@ class HOAG:
     backward: Any = None
     tolerance: ToleranceSchedule = field(default_factory=ToleranceSchedule)
     mode: Literal["faithful", "robust"] = "faithful"
+    step_rule: StepRule | None = None
+    tolerance_reference: ToleranceReference | None = None
+    estimate: EstimateKind | None = None
+    inner_solver: InnerSolverKind | None = None
+    inner_stop_test: InnerStopTest | None = None
     max_iter: int = 29
     max_inner_iter: int = 1000
     inner_memory: Literal["restart", "keep", "shift"] = "restart"
     warm_start_backward: bool = True
     first_backward_start: Literal["inner_solution", "zero"] = "inner_solution"
     opa_direction: OPADirectionKind = "outer_gradient"
-    opa_countdown: int | None = None
+    opa_schedule: OPASchedule | None = None
+    opa_countdown: int = 1
     bounds: tuple[float, float] = (-12.0, 12.0)
     step_c: float = 0.25
     reject_factor: float = 1.2
@@ -274,6 +392,48 @@ class HOAG:
             raise ValueError(f"bounds must be (low, high) with low < high, got {self.bounds}")
         if self.max_iter < 0:
             raise ValueError(f"max_iter must be >= 0, got {self.max_iter}")
+        if self.opa_countdown < 1:
+            raise ValueError(f"opa_countdown must be >= 1, got {self.opa_countdown}")
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(repr, choices))} or None (follow "
+                    f"mode), got {value!r}"
+                )
+        if self.behaviour("inner_solver") == "scipy_lbfgsb" and (
+            self.inner_memory != "restart" or self.solver.opa_every is not None
+        ):
+            raise ValueError(
+                "inner_solver='scipy_lbfgsb' restarts its memory at every solve and has no OPA: "
+                "it needs inner_memory='restart' and solver.opa_every=None (got inner_memory="
+                f"{self.inner_memory!r}, opa_every={self.solver.opa_every}); use "
+                "inner_solver='solver'"
+            )
+
+    def behaviour(self, name: str) -> str:
+        """The effective value of ``name`` (a field, or the preset of ``mode`` when ``None``).
+
+        Raises:
+            KeyError: if ``name`` is not one of the preset behaviours.
+        """
+        if name not in _CHOICES:
+            raise KeyError(f"unknown behaviour {name!r}; valid: {sorted(_CHOICES)}")
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        if self.mode == "faithful" and name in ("inner_stop_test", "inner_solver"):
+            # their L-BFGS-B (memory restarted, no OPA) or their pure-Python L-BFGS
+            lbfgsb = self.inner_memory == "restart" and self.solver.opa_every is None
+            if name == "inner_solver":
+                return "scipy_lbfgsb" if lbfgsb else "authors_lbfgs"
+            return "every_evaluation" if lbfgsb else "iterates"
+        return _PRESETS[self.mode][name]
+
+    @property
+    def behaviours(self) -> dict[str, str]:
+        """Every preset behaviour with its effective value (logged in run summaries)."""
+        return {name: self.behaviour(name) for name in _CHOICES}
 
     def stepper(self, problem: BilevelProblem, w0: Tensor) -> HOAGStepper:
         """A fresh outer loop on ``problem`` from the inner initial point ``w0`` (``(p,)``)."""
@@ -295,6 +455,9 @@ class HOAGStepper:
         inner = problem.inner
         self.lam = inner.initial_log_lambda(config.lambda0)
         self.lam0_min = float(self.lam.min())
+        # tolerance_reference="aliased": the authors' "lambda0" is the iterate itself (None)
+        # until the first rejected step freezes it at the rejected trial value
+        self.lam0_alias: Tensor | None = None
         self.old_lam = self.lam.clone()
         self.w = w0.detach().to(dtype=inner.dtype, device=inner.device).clone()
         _, grad0 = inner.value_and_grad(self.w, self.lam)
@@ -329,6 +492,7 @@ class HOAGStepper:
             "lam": self.lam,
             "old_lam": self.old_lam,
             "lam0_min": self.lam0_min,
+            "lam0_alias": self.lam0_alias,
             "w": self.w,
             "ref_norm": self.ref_norm,
             "memory": memory_to_state(self.memory),
@@ -352,6 +516,7 @@ class HOAGStepper:
 
         self.lam, self.old_lam, self.w = dev(state["lam"]), dev(state["old_lam"]), dev(state["w"])
         self.lam0_min = float(state["lam0_min"])
+        self.lam0_alias = dev(state.get("lam0_alias"))
         self.ref_norm = float(state["ref_norm"])
         mem = state["memory"]
         self.memory = (
@@ -372,12 +537,26 @@ class HOAGStepper:
         """``λ`` as a list of floats (one per group)."""
         return [float(v) for v in self.lam.reshape(-1)]
 
-    def _inner_solver(self, tol: float) -> LBFGS:
+    def _inner_solver(self, tol: float) -> LBFGS | ScipyLBFGSB:
         cfg = self.cfg
-        changes: dict[str, Any] = {"tol": tol, "rel_tol": 0.0, "max_iter": cfg.max_inner_iter}
-        if cfg.solver.opa_every is not None and cfg.opa_countdown is not None:
-            freq = max(1, (cfg.max_iter + 1 - self.iteration) // cfg.opa_countdown)
-            changes["opa_every"] = freq
+        if cfg.behaviour("inner_solver") == "scipy_lbfgsb":
+            return ScipyLBFGSB(
+                max_iter=cfg.max_inner_iter,
+                tol=tol,
+                memory=cfg.solver.memory,
+                max_ls=cfg.solver.max_ls,
+                stop_test=cfg.behaviour("inner_stop_test"),  # type: ignore[arg-type]
+            )
+        changes: dict[str, Any] = {
+            "tol": tol,
+            "rel_tol": 0.0,
+            "max_iter": cfg.max_inner_iter,
+            "stop_test": cfg.behaviour("inner_stop_test"),
+        }
+        if cfg.solver.opa_every is not None and cfg.behaviour("opa_schedule") == "countdown":
+            changes["opa_every"] = max(1, (cfg.max_iter + 1 - self.iteration) // cfg.opa_countdown)
+        if cfg.behaviour("inner_solver") == "authors_lbfgs":
+            changes.update(AUTHORS_PURE_PYTHON_LBFGS)
         return replace(cfg.solver, **changes)
 
     def _opa_direction(self, lam: Tensor) -> Callable[[Tensor], Tensor] | None:
@@ -393,10 +572,23 @@ class HOAGStepper:
 
         return cross
 
-    def solve_inner(self, lam: Tensor, tol_lam: Tensor) -> SolverResult:
-        """L-BFGS on ``h(·, λ)`` from the current ``w`` to HOAG's tolerance; updates ``w``."""
+    def tolerance_factor(self) -> float:
+        """``exp(min λ_ref - min λ_0)`` of the inner tolerance (``tolerance_reference``)."""
+        reference = self.cfg.behaviour("tolerance_reference")
+        if reference == "current":
+            return math.exp(float(self.lam.min()) - self.lam0_min)
+        if reference == "initial":
+            return math.exp(float(self.old_lam.min()) - self.lam0_min)
+        lam0 = self.lam if self.lam0_alias is None else self.lam0_alias
+        return math.exp(float(self.old_lam.min()) - float(lam0.min()))
+
+    def solve_inner(self, lam: Tensor) -> SolverResult:
+        """L-BFGS on ``h(·, λ)`` from the current ``w`` to HOAG's tolerance; updates ``w``.
+
+        The tolerance is ``ε_k ‖∇_w h(w_0, λ_0)‖ · tolerance_factor()``.
+        """
         inner = self.problem.inner
-        tol = self.eps * self.ref_norm * math.exp(float(tol_lam.min()) - self.lam0_min)
+        tol = self.eps * self.ref_norm * self.tolerance_factor()
         solver = self._inner_solver(tol)
         warm = None if self.cfg.inner_memory == "restart" else self.memory
         if warm is not None and self.cfg.inner_memory == "shift" and len(warm):
@@ -415,12 +607,27 @@ class HOAGStepper:
         inner, w = self.problem.inner, self.w
         outer_grad = self.problem.outer.loss_grad(w)
         strategy = backward_at(self.cfg.backward, self.eps)
+        if self.cfg.behaviour("estimate") == "authors" and isinstance(fwd.state, LBFGSMemory):
+            fwd = replace(fwd, inverse=self.authors_estimate(fwd))
         u0 = self.u if self.cfg.warm_start_backward else None
         if u0 is None and self.cfg.first_backward_start == "inner_solution":
             u0 = -w  # the authors' first CG starts from q = w, i.e. u = -w
         adj = strategy(inner.hvp_at(w, lam), -outer_grad, fwd, u0=u0)
         grad = inner.cross_vjp(w, lam, adj.value)
         return grad, adj.value, adj.stats
+
+    def authors_estimate(self, fwd: SolverResult) -> Any:
+        """The inverse-Hessian estimate the authors' SHINE used after the inner solve ``fwd``.
+
+        With ``inner_memory="restart"`` (their Fortran L-BFGS-B, Figures 1 and E.1): SciPy's
+        ``LbfgsInvHessProduct`` on the workspace, ``H0 = I`` and circular storage order; with a
+        kept memory (their pure-Python L-BFGS, Figures 2 left and E.2): the two-loop recursion
+        with ``H0 = I`` on the pairs oldest first.
+        """
+        memory = fwd.state
+        circular = self.cfg.inner_memory == "restart"
+        n_committed = int(fwd.stats.extra.get("n_committed", len(memory)))
+        return lbfgsb_workspace_inverse(memory, n_committed, workspace_order=circular)
 
     def _clip(self, lam: Tensor) -> Tensor:
         return lam.clamp(self.cfg.bounds[0], self.cfg.bounds[1])
@@ -431,9 +638,8 @@ class HOAGStepper:
         self.iteration += 1
         it = self.iteration
         lam = self.lam.clone()
-        tol_lam = self.old_lam if self.cfg.mode == "faithful" else lam
         t0 = time.perf_counter()
-        fwd = self.solve_inner(lam, tol_lam)
+        fwd = self.solve_inner(lam)
         t1 = time.perf_counter()
         g = float(self.problem.outer.loss(self.w))
         metrics: dict[str, Any] = {
@@ -446,10 +652,10 @@ class HOAGStepper:
             "inner_time": t1 - t0,
             "n_opa_updates": int(fwd.stats.extra.get("n_opa_updates", 0)),
         }
-        if self.cfg.mode == "faithful":
-            metrics.update(self._faithful_update(lam, fwd, g, it))
+        if self.cfg.behaviour("step_rule") == "authors":
+            metrics.update(self._authors_update(lam, fwd, g, it))
         else:
-            metrics.update(self._robust_update(lam, fwd, g, it))
+            metrics.update(self._safeguarded_update(lam, fwd, g, it))
         metrics["lipschitz"] = self.lipschitz
         metrics["log_lambda"] = self.log_lambda_list()
         return metrics
@@ -467,7 +673,7 @@ class HOAGStepper:
         }
         return grad, out
 
-    def _faithful_update(self, lam: Tensor, fwd: SolverResult, g: float, it: int) -> dict:
+    def _authors_update(self, lam: Tensor, fwd: SolverResult, g: float, it: int) -> dict:
         grad, out = self._backward_metrics(lam, fwd)
         self.old_eps = self.eps
         self.eps = self.cfg.tolerance.next(self.eps, it)
@@ -495,6 +701,8 @@ class HOAGStepper:
             new = new - step * grad  # the authors' second step (quirk kept in faithful mode)
         elif g >= self.cfg.reject_factor * self.g_old:
             self.lipschitz *= 2.0
+            if self.lam0_alias is None:  # the authors' "lambda0" stays at the rejected trial
+                self.lam0_alias = new.clone()
             new = self.old_lam.clone()
             self.eps *= 0.5
             out["rejected"] = True
@@ -508,7 +716,7 @@ class HOAGStepper:
         self.g_old = g
         return out
 
-    def _robust_update(self, lam: Tensor, fwd: SolverResult, g: float, it: int) -> dict:
+    def _safeguarded_update(self, lam: Tensor, fwd: SolverResult, g: float, it: int) -> dict:
         acc = self.accepted
         out: dict[str, Any] = {"rejected": False}
         slack = self.cfg.step_c * self.eps * abs(acc["g"]) if acc is not None else 0.0
@@ -518,6 +726,8 @@ class HOAGStepper:
             # (an inexact hypergradient may point the wrong way: reusing it would fail forever)
             self.lipschitz = (self.lipschitz or 1.0) * 2.0
             self.eps = max(self.eps * 0.5, self.cfg.tolerance.floor)
+            if self.lam0_alias is None:
+                self.lam0_alias = lam.clone()
             self.w = acc["w"].clone()
             self.lam = acc["lam"].clone()
             self.old_lam = self.lam.clone()

@@ -54,6 +54,14 @@ _KINDS = ("regular", "opa")
 OPADirection = Tensor | Callable[[Tensor], Tensor]
 
 
+class _ConvergedAtTrial(Exception):  # noqa: N818 - control flow, not an error
+    """Raised inside the line search when a trial point passes the stopping test."""
+
+    def __init__(self, point: TrialPoint) -> None:
+        super().__init__()
+        self.point = point
+
+
 def _upper_sty(s: Tensor, y: Tensor) -> Tensor:
     """``R = triu(S Yᵀ)``: ``R_ij = s_iᵀy_j`` for ``i <= j``, zero below. Shape ``(k, k)``."""
     return torch.triu(s @ y.mT)
@@ -325,6 +333,53 @@ class LBFGSInverse:
         return f"LBFGSInverse(dim={self._dim}, rank={self._k}, gamma={self.gamma:.3g})"
 
 
+def lbfgsb_workspace_inverse(
+    memory: LBFGSMemory,
+    n_committed: int,
+    *,
+    identity_h0: bool = True,
+    workspace_order: bool = True,
+) -> LBFGSInverse:
+    """The SHINE estimate of the authors' Figure-1 code, built from an L-BFGS memory.
+
+    The SHINE fork of HOAG (branch ``shine``, ``hoag_lbfgs`` with SciPy's Fortran L-BFGS-B)
+    reads the pairs out of the Fortran workspace and wraps them in SciPy's
+    ``LbfgsInvHessProduct``, which differs from the matrix L-BFGS-B itself uses in two ways,
+    each reproduced here and each switchable:
+
+    * ``identity_h0``: the two-loop recursion starts from ``H0 = I``, not from the solver's
+      ``γ I`` (``γ = sᵀy/yᵀy`` of the newest pair, L-BFGS-B's ``1/θ``);
+    * ``workspace_order``: L-BFGS-B writes its ``j``-th update (counted since its memory was
+      last reset) into column ``(j - 1) mod m`` of the workspace; once more than ``m`` updates
+      were made, the columns are not chronological, and the fork reads them in storage order.
+      Here the stored pairs (oldest first) are permuted into that order when
+      ``n_committed > len(memory)`` (then ``m = len(memory)``: the memory is full).
+
+    With both switched off this is the solver's own estimate (``memory.inverse()``).
+
+    Args:
+        memory: the pairs of the inner solve, oldest first (``SolverResult.state`` of
+            :class:`LBFGS`), ``k`` pairs of dimension ``D``.
+        n_committed: pairs pushed since the memory was last cleared
+            (``stats.extra["n_committed"]`` of :class:`LBFGS`).
+        identity_h0: use ``H0 = I`` (the fork) instead of ``memory.gamma``.
+        workspace_order: apply the pairs in L-BFGS-B's storage order (the fork).
+
+    Returns:
+        The estimate ``H ≈ ∇²r^{-1}`` as an :class:`LBFGSInverse` (``D x D``).
+    """
+    s, y = memory.s, memory.y
+    k = len(memory)
+    if workspace_order and k and n_committed > k:
+        # chronological index c holds update j_c = n_committed - k + 1 + c, stored in column
+        # (j_c - 1) mod k: sorting the pairs by column gives the order the fork reads them in
+        columns = [(n_committed - k + c) % k for c in range(k)]
+        index = torch.tensor(sorted(range(k), key=columns.__getitem__), device=s.device)
+        s, y = s[index], y[index]
+    gamma = 1.0 if identity_h0 else memory.gamma
+    return LBFGSInverse(s, y, gamma)
+
+
 #: From this dimension on, ``[S Y]ᵀ∇r`` is cached across iterations and ``[S Y]ᵀy`` obtained by
 #: differencing (saves one pass over the pairs per iteration); below it, both are recomputed
 #: (fewer, cheaper tensor operations).
@@ -357,6 +412,8 @@ class _Workspace:
         self.k = 0
         self.kinds: deque[str] = deque()
         self.gamma = 1.0
+        #: pairs committed since the memory was last cleared (L-BFGS-B's ``iupdat``)
+        self.n_committed = 0
         self.cache = dim >= _CACHE_MIN_DIM
         self._refresh_views()
 
@@ -435,6 +492,7 @@ class _Workspace:
         self.rinv[s:e, e] = torch.mv(self.rinv[s:e, s:e], col2[:k, 0]).mul_(-1.0 / sy)
         self.rinv[e, e] = 1.0 / sy
         self.k = k + 1
+        self.n_committed += 1
         self.kinds.append(kind)
         if scale_gamma:
             self.gamma = sy / yy
@@ -445,6 +503,7 @@ class _Workspace:
         """Forget every pair (``γ`` is kept if positive)."""
         self.start = 0
         self.k = 0
+        self.n_committed = 0
         self.kinds.clear()
         self.small.zero_()
         self.rinv.zero_()
@@ -518,10 +577,15 @@ class LBFGS:
 
     Stopping: ``‖∇r(z_n)‖₂ <= max(tol, rel_tol·‖∇r(z_0)‖₂)`` (checked before each iteration, so a
     converged ``z0`` returns after 0 iterations), or ``max_iter`` regular iterations, or an
-    unrecoverable line-search failure.
+    unrecoverable line-search failure. With ``stop_test="every_evaluation"`` the test is also
+    applied at every line-search trial point, and the solver returns the first trial point that
+    passes it, without pushing its pair: this is how the authors drove SciPy's Fortran L-BFGS-B
+    in HOAG (Figures 1 and E.1: the tolerance is tested at every ``FG`` request of the reverse
+    communication, line-search evaluations included). ``stats.extra["stopped_in_line_search"]``
+    is then 1.
 
     OPA (Appendix A of the paper): at iterations ``n`` with ``n % opa_every == 0``, **including
-    n = 0** (as in the paper's algorithm; the authors' code starts at n = 2),
+    n = 0** (as in the paper's algorithm; ``opa_schedule="authors"`` is the authors' rule),
     ``e_n = t_n H_n v`` with ``t_0 = opa_t0`` and ``t_n = ‖s_{n-1}‖``,
     ``ŷ_n = ∇r(z_n + e_n) - ∇r(z_n)`` (one extra evaluation of ``fun``), and ``(e_n, ŷ_n)`` is
     pushed as an ``"opa"`` pair subject to the same curvature rule as regular pairs. ``n`` counts
@@ -553,6 +617,14 @@ class LBFGS:
         opa_t0: ``t_0`` of the OPA direction.
         opa_normalize: if ``True``, ``e_n = t_n H_n v / ‖H_n v‖`` (the authors' code); if
             ``False`` (default), ``e_n = t_n H_n v`` (paper eq. 5).
+        stop_test: ``"iterates"`` (default): the tolerance is tested at accepted iterates only;
+            ``"every_evaluation"``: also at line-search trial points (see above).
+        min_iter: iterations made before the tolerance is first tested (0: a converged ``z0``
+            returns at once; 1: the authors' pure-Python L-BFGS, which always made a step).
+        opa_schedule: ``"paper"``: OPA at ``n % opa_every == 0`` from ``n = 0`` (Appendix A);
+            ``"authors"``: at ``(n + 1) % opa_every == 0`` and ``n >= 1``, i.e. before their
+            1-based iteration ``k = n + 1`` when ``k % freq == 0 and k > 1`` (the first OPA
+            pair after ``opa_every - 1`` regular steps, none at all while a solve takes fewer).
     """
 
     max_iter: int = 1000
@@ -568,6 +640,9 @@ class LBFGS:
     opa_every: int | None = None
     opa_t0: float = 1.0
     opa_normalize: bool = False
+    stop_test: Literal["iterates", "every_evaluation"] = "iterates"
+    min_iter: int = 0
+    opa_schedule: Literal["paper", "authors"] = "paper"
 
     def __post_init__(self) -> None:
         """Validate the parameters.
@@ -591,6 +666,23 @@ class LBFGS:
             raise ValueError(f"opa_every must be None or >= 1, got {self.opa_every}")
         if not self.opa_t0 > 0.0:
             raise ValueError(f"opa_t0 must be positive, got {self.opa_t0}")
+        if self.min_iter < 0:
+            raise ValueError(f"min_iter must be >= 0, got {self.min_iter}")
+        if self.opa_schedule not in ("paper", "authors"):
+            raise ValueError(
+                f"opa_schedule must be 'paper' or 'authors', got {self.opa_schedule!r}"
+            )
+        if self.stop_test not in ("iterates", "every_evaluation"):
+            raise ValueError(
+                f"stop_test must be 'iterates' or 'every_evaluation', got {self.stop_test!r}"
+            )
+
+    def _opa_due(self, n: int) -> bool:
+        """Whether an OPA pair is made before the regular step of iteration ``n`` (0-based)."""
+        every = int(self.opa_every)  # type: ignore[arg-type]
+        if self.opa_schedule == "paper":
+            return n % every == 0
+        return n >= 1 and (n + 1) % every == 0
 
     def _accept(self, sy: float, ss: float, yy: float, eps: float) -> bool:
         if not math.isfinite(sy):
@@ -672,6 +764,8 @@ class LBFGS:
         pg = ws.project(g) if ws.cache else None
         n_opa = n_opa_skipped = n_ls_fail = n_ls_evals = n_restarts = 0
         last_step_norm = self.opa_t0
+        test_trials = self.stop_test == "every_evaluation"
+        stopped_in_ls = False
         converged = False
         retried = False
         n = 0
@@ -679,14 +773,14 @@ class LBFGS:
             if not (math.isfinite(gnorm) and math.isfinite(f_val)):
                 logger.warning("LBFGS: non-finite objective or gradient at iteration %d", n)
                 break
-            if gnorm <= threshold:
+            if gnorm <= threshold and n >= self.min_iter:
                 converged = True
                 break
             if n >= self.max_iter:
                 break
 
             # ---- OPA extra update (before the regular step, same iterate z_n) ----
-            if use_opa and not retried and n % self.opa_every == 0:  # type: ignore[operator]
+            if use_opa and not retried and self._opa_due(n):
                 v = opa_direction(z) if callable(opa_direction) else opa_direction
                 v = v.detach().to(z)  # type: ignore[union-attr]
                 if v.shape != z.shape:
@@ -735,24 +829,46 @@ class LBFGS:
                 n_evals += 1
                 dphi_new = float(torch.dot(g_new, p))
             else:
+                trials = [0]
+
+                testing = test_trials and n + 1 >= self.min_iter
 
                 def phi(
-                    alpha: float, z: Tensor = z, p: Tensor = p
+                    alpha: float,
+                    z: Tensor = z,
+                    p: Tensor = p,
+                    trials: list[int] = trials,
+                    testing: bool = testing,
                 ) -> tuple[float, float, TrialPoint]:
                     z_t = torch.add(z, p, alpha=alpha)
                     f_t, g_t = evaluate(z_t)
-                    return float(f_t), float(torch.dot(g_t, p)), TrialPoint(z_t, f_t, g_t)
+                    trials[0] += 1
+                    point = TrialPoint(z_t, f_t, g_t)
+                    if testing and float(torch.linalg.vector_norm(g_t)) <= threshold:
+                        raise _ConvergedAtTrial(point)
+                    return float(f_t), float(torch.dot(g_t, p)), point
 
-                ls = strong_wolfe(
-                    phi,
-                    f_val,
-                    dphi0,
-                    alpha_init=1.0 if ws.k > 0 else min(1.0, 1.0 / pnorm),
-                    c1=self.c1,
-                    c2=self.c2,
-                    max_ls=self.max_ls,
-                    value_noise=default_value_noise(f_val, z.dtype),
-                )
+                try:
+                    ls = strong_wolfe(
+                        phi,
+                        f_val,
+                        dphi0,
+                        alpha_init=1.0 if ws.k > 0 else min(1.0, 1.0 / pnorm),
+                        c1=self.c1,
+                        c2=self.c2,
+                        max_ls=self.max_ls,
+                        value_noise=default_value_noise(f_val, z.dtype),
+                    )
+                except _ConvergedAtTrial as stop:
+                    n_evals += trials[0]
+                    n_ls_evals += trials[0]
+                    z, f, g = stop.point
+                    f_val = float(f)
+                    gnorm = float(torch.linalg.vector_norm(g))
+                    trace.append(gnorm)
+                    stopped_in_ls = True
+                    converged = True
+                    break
                 n_evals += ls.n_evals
                 n_ls_evals += ls.n_evals
                 if not ls.success:
@@ -822,6 +938,8 @@ class LBFGS:
             "n_line_search_failures": float(n_ls_fail),
             "n_line_search_evals": float(n_ls_evals),
             "n_restarts": float(n_restarts),
+            "n_committed": float(ws.n_committed),
+            "stopped_in_line_search": float(stopped_in_ls),
             "value": f_val,
         }
         stats = SolverStats(

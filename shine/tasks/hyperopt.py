@@ -67,6 +67,10 @@ class HyperparameterOptimization:
         n_groups: ``None`` for one λ; ``G`` for one λ per feature group (feature ``j`` in group
             ``j mod G``).
         seed: seeds the split and the inner initial point ``w0 ~ N(0, I)``.
+        initial_weights: how ``w0`` is drawn: ``"numpy"``, the authors' draws
+            (``np.random.seed(seed)`` then ``np.random.randn(p)`` in their benchmark, obtained
+            here from a private ``RandomState(seed)``), or ``"torch"`` (a private generator
+            seeded from ``(seed, 1)``).
         dtype: floating dtype of the computation.
         device: device of the computation.
         trainer: the shared trainer (checkpointing, progress).
@@ -79,6 +83,7 @@ class HyperparameterOptimization:
     nls_targets: str = "zero_one"
     n_groups: int | None = None
     seed: int = 0
+    initial_weights: Literal["numpy", "torch"] = "numpy"
     dtype: str = "float64"
     device: str = "cpu"
     trainer: Trainer = field(default_factory=Trainer)
@@ -91,6 +96,10 @@ class HyperparameterOptimization:
         """
         if self.loss not in ("logistic", "nls"):
             raise ValueError(f"loss must be 'logistic' or 'nls', got {self.loss!r}")
+        if self.initial_weights not in ("numpy", "torch"):
+            raise ValueError(
+                f"initial_weights must be 'numpy' or 'torch', got {self.initial_weights!r}"
+            )
         if not isinstance(self.method, HOAG | GridSearch | RandomSearch):
             raise ValueError(
                 "method must be shine.bilevel.HOAG, GridSearch or RandomSearch, got "
@@ -118,8 +127,7 @@ class HyperparameterOptimization:
             outer=make_loss(self.loss, split.outer.X, split.outer.y, self.nls_targets),
             test=make_loss(self.loss, split.test.X, split.test.y, self.nls_targets),
         )
-        gen = torch.Generator().manual_seed(derived_seed(self.seed, 1))
-        w0 = torch.randn(p, generator=gen, dtype=torch.float64).to(self.device, dtype)
+        w0 = initial_weights(p, self.seed, self.initial_weights).to(self.device, dtype)
         logger.info(
             "%s on %s: train %d, outer %d, test %d samples, %d features",
             self.label,
@@ -147,6 +155,20 @@ class HyperparameterOptimization:
         if records is None:
             return None
         return summarize(records, method=self.label)
+
+
+def initial_weights(p: int, seed: int, kind: Literal["numpy", "torch"] = "numpy") -> torch.Tensor:
+    """The inner initial point ``w0 ~ N(0, I_p)`` of seed ``seed``, float64 ``(p,)``.
+
+    ``"numpy"`` gives the authors' draws: their benchmark calls ``np.random.seed(seed)`` and
+    ``LogisticRegressionCV.fit`` then ``np.random.randn(p)``, i.e. the first ``p`` normal draws of
+    a ``RandomState(seed)``, which is what is used here (without touching NumPy's global
+    generator). ``"torch"`` draws from a private torch generator seeded from ``(seed, 1)``.
+    """
+    if kind == "numpy":
+        return torch.from_numpy(np.random.RandomState(seed).randn(p))
+    gen = torch.Generator().manual_seed(derived_seed(seed, 1))
+    return torch.randn(p, generator=gen, dtype=torch.float64)
 
 
 def summarize(records: list[dict[str, Any]], method: str = "") -> dict[str, Any]:
