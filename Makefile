@@ -45,8 +45,8 @@ test: venv ## run the whole test suite, slow end-to-end tests included (~6-7 min
 test-quick: venv ## run the tests not marked slow
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: venv ## main job: SHINE vs HOAG vs JF (bi-level) and vs the original DEQ backward (digits), figures, summary
-	@start=$$(date +%s); \
+demo: venv ## main job: SHINE vs HOAG vs JF (bi-level, faithful + robust) and vs the original DEQ backward (digits), figures, summary (one OpenMP thread)
+	@start=$$(date +%s); export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
 	$(PY) train.py -m +sweep=demo_bilevel && \
 	for m in original shine jacobian_free; do $(PY) train.py +experiment=digits_$$m || exit 1; done && \
 	$(PY) train.py +experiment=opa_inversion && \
@@ -70,20 +70,23 @@ bench-bilevel: venv ## inner L-BFGS vs SciPy, time to 1 %/0.1 % per HOAG method,
 bench-deq: venv ## Table E.2 protocol on the CIFAR-LARGE MDEQ: fwd/bwd per method, SHINE memory, ~3 min (scripts/bench_deq.py)
 	$(PY) scripts/bench_deq.py
 
-# Bi-level sweeps that run offline (breast cancer, small synthetic 20news-like set); the paper's
-# data sets are the same commands with dataset=news20 / dataset=real_sim.
+# Bi-level sweeps that run offline (the 20news-sized synthetic set, breast cancer), with the
+# authors' algorithm (faithful) and ours (robust); the paper's data sets are the same commands
+# with dataset=news20 / dataset=real_sim.
 BILEVEL_SWEEPS := fig1 fig2_left fig_e2
-BILEVEL_DATA := breast_cancer_split synthetic_news_small
+BILEVEL_DATA := synthetic_news breast_cancer_split
+BILEVEL_MODES := faithful robust
 ARTEFACTS := fig1 fig_e1 fig2_left fig_e2
 DEQ_FIGURES := fig3 fig_e3
 DEQ_TABLES := table_e1 table_e2 table_e3
 
-sweeps-bilevel: venv ## run the bi-level figure sweeps on the offline data sets (~10 CPU min)
-	@for sweep in $(BILEVEL_SWEEPS); do for data in $(BILEVEL_DATA); do \
-		$(PY) train.py -m +sweep=$$sweep dataset=$$data || exit 1; done; done
+sweeps-bilevel: venv ## run the bi-level figure sweeps on the offline data sets, both modes (~25 CPU min)
+	@for sweep in $(BILEVEL_SWEEPS); do for data in $(BILEVEL_DATA); do for mode in $(BILEVEL_MODES); do \
+		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) train.py -m +sweep=$$sweep dataset=$$data \
+			method.mode=$$mode || exit 1; done; done; done
 
 collect: venv ## gather the runs of every artefact into experiments/<artefact>/runs.csv
-	@for a in $(ARTEFACTS) $(DEQ_FIGURES) $(DEQ_TABLES); do $(PY) scripts/collect.py $$a || exit 1; done
+	@for a in $(ARTEFACTS) $(DEQ_FIGURES) $(DEQ_TABLES); do $(PY) scripts/collect.py $$a --update-committed || exit 1; done
 
 lint: venv ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .

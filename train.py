@@ -17,32 +17,72 @@ only on their console). Barriers order the shared steps: every rank has checked 
 before rank 0 moves anything aside, rank 0 has (re)started the directory before the others load
 its checkpoint, they have loaded it before rank 0 writes the next one, and every rank has
 finished before rank 0 writes ``summary.json``.
+
+What a run does when things go wrong (exit codes in :data:`EXIT_CODES`):
+
+* a second launch on a directory that another process writes fails at once, naming the holder;
+* a resume with another configuration (result-neutral keys aside) is refused, with the diff;
+* SIGTERM, SIGINT and SIGUSR1 (SLURM's pre-timeout signal) finish the current step, checkpoint
+  and exit with ``interrupted`` ("run the same command to resume"); a second Ctrl-C exits at once;
+* a non-finite loss, residual or λ ends the run with ``status: diverged`` in ``summary.json``;
+* any other failure writes its traceback to ``train.log`` before it propagates.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shine.runtime import RunDirectory, seed_everything
 from shine.runtime.distributed import (
     DistInfo,
+    all_reduce_sum,
     barrier,
     detect_launch,
     init_distributed,
     shutdown,
 )
+from shine.runtime.lock import RunLockedError
+from shine.runtime.run_dir import ConfigMismatchError, CorruptCheckpointError, config_diff
+from shine.training.trainer import Diverged
 
 log = logging.getLogger("train")
 REPO = Path(__file__).resolve().parent
+
+#: exit codes of train.py besides 0 (done, or already complete) and 1 (an error)
+EXIT_CODES = {
+    "usage": 2,  # no task selected
+    "diverged": 65,  # non-finite loss / residual / λ (also when re-run without overwrite=true)
+    "locked": 73,  # another process writes the run directory
+    "damaged": 74,  # a checkpoint cannot be read
+    "interrupted": 75,  # stopped by a signal after checkpointing: run the same command again
+    "config": 78,  # the run directory holds a run of another configuration
+}
+#: the paper's name of a DEQ method: (forward solver, backward strategy) config choices
+DEQ_METHODS: dict[tuple[str, str], str] = {
+    ("broyden", "ift"): "original",
+    ("broyden", "ift_limited"): "original_limited",
+    ("broyden", "shine"): "shine",
+    ("broyden", "shine_fallback"): "shine_fallback",
+    ("broyden", "shine_refine"): "shine_refine",
+    ("broyden", "jacobian_free"): "jacobian_free",
+    ("broyden", "jacobian_free_refine"): "jacobian_free_refine",
+    ("adjoint_broyden", "shine_fallback"): "shine_adjoint_broyden",
+    ("adjoint_broyden_opa", "shine_fallback"): "shine_opa",
+}
+#: signals that stop a run cleanly (SIGUSR1: SLURM's warning before the time limit)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def _reopen_log_files(old_dir: Path) -> None:
@@ -63,6 +103,82 @@ def _format_metrics(metrics: dict) -> str:
         f"  {k:<40} {v:.6g}" if isinstance(v, float) else f"  {k:<40} {v}"
         for k, v in metrics.items()
     )
+
+
+@contextmanager
+def stop_on_signals(run_dir: RunDirectory) -> Iterator[None]:
+    """Turn SIGTERM / SIGINT / SIGUSR1 into a stop request of ``run_dir`` (second Ctrl-C: now)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if run_dir.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        run_dir.request_stop(name)
+        log.warning(
+            "%s received: finishing the current step, then checkpointing and stopping "
+            "(Ctrl-C again to exit at once)",
+            name,
+        )
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def derived_method_name(cfg: DictConfig, choices: dict[str, Any]) -> str | None:
+    """The method a run computes, from the config groups it was composed with.
+
+    Bi-level runs: the ``method`` choice; DEQ training runs: :data:`DEQ_METHODS` of the
+    ``solver`` and ``backward`` choices (``<solver>+<backward>`` for other pairs); other tasks
+    (whose ``method_name`` names an input, e.g. the checkpoint to analyse): ``None``.
+    """
+    target = OmegaConf.select(cfg, "task._target_", default="")
+    if target == "shine.tasks.HyperparameterOptimization" and choices.get("method"):
+        return str(choices["method"])
+    if target == "shine.tasks.ImageClassification":
+        pair = (str(choices.get("solver")), str(choices.get("backward")))
+        return DEQ_METHODS.get(pair, "+".join(pair))
+    return None
+
+
+def name_the_method(cfg: DictConfig, choices: dict[str, Any]) -> None:
+    """Set ``task.method_name`` (read by the summary and by collect.py) to the derived name."""
+    derived = derived_method_name(cfg, choices)
+    if derived is None:
+        return
+    written = OmegaConf.select(cfg, "task.method_name", default=None)
+    if written not in (None, derived):
+        log.warning(
+            "task.method_name %r disagrees with the configured solver/backward/method (%s): "
+            "the run is recorded as %r",
+            written,
+            ", ".join(f"{g}={choices.get(g)}" for g in ("solver", "backward", "method")),
+            derived,
+        )
+    with open_dict(cfg):
+        cfg.task.method_name = derived
+
+
+def apply_thread_policy(cfg: DictConfig) -> None:
+    """``trainer.num_threads`` CPU threads for torch (null: torch's default, one per core).
+
+    One thread is the default of the CPU-scale experiments: on a loaded 2-core machine two
+    OpenMP threads wait for each other (a 20-step digits run: 12.9 s with two, 1.6 s with one).
+    """
+    n = OmegaConf.select(cfg, "trainer.num_threads", default=None)
+    if n is None:
+        return
+    import torch
+
+    if int(n) < 1:
+        raise ValueError(f"trainer.num_threads must be >= 1 or null, got {n}")
+    torch.set_num_threads(int(n))
+    os.environ.setdefault("OMP_NUM_THREADS", str(int(n)))  # for worker processes
 
 
 def compose_task(overrides: list[str]) -> Any:
@@ -95,7 +211,8 @@ def main(cfg: DictConfig) -> None:
     """Run the task selected by the composed configuration ``cfg``."""
     if cfg.get("task") is None:
         log.error("no task selected: run an experiment, e.g. `python train.py +experiment=NAME`")
-        sys.exit(2)
+        sys.exit(EXIT_CODES["usage"])
+    name_the_method(cfg, dict(HydraConfig.get().runtime.choices))
     launch = detect_launch()
     if launch.rank != 0:
         _quiet_follower()
@@ -110,21 +227,72 @@ def _run(cfg: DictConfig, info: DistInfo) -> None:
     path = Path(cfg.paths.output_dir).resolve()
     if main_rank:
         run_dir = RunDirectory(path, mirror=instantiate(cfg.logger.mirror))
+        try:
+            run_dir.acquire()
+        except RunLockedError as err:
+            log.error("%s", err)
+            sys.exit(EXIT_CODES["locked"])
     else:
         run_dir = RunDirectory(path, read_only=True)
+    if info.world_size > 1:
+        run_dir.stop_sync = lambda flag: all_reduce_sum({"stop": float(flag)})["stop"] > 0
+    try:
+        with stop_on_signals(run_dir):
+            _run_locked(cfg, info, run_dir)
+    except SystemExit:
+        raise
+    except BaseException:
+        log.exception("the run failed; %s is resumable from its last checkpoint", run_dir.path)
+        raise
+    finally:
+        run_dir.release()
+
+
+def _ended(cfg: DictConfig, run_dir: RunDirectory) -> None:
+    """Report a run that ended before (complete or diverged); exit non-zero unless complete."""
+    summary = run_dir.read_summary()
+    if summary.get("status") == "diverged":
+        details = summary.get("status_details") or {}
+        log.error(
+            "this run diverged at step %s (%s); results in %s. Pass overwrite=true to start it "
+            "anew (the old directory is kept as a backup), e.g. with another learning rate.",
+            details.get("step"),
+            details.get("cause"),
+            run_dir.path,
+        )
+        sys.exit(EXIT_CODES["diverged"])
+    if run_dir.config_path.is_file():
+        import yaml
+
+        stored = yaml.safe_load(run_dir.config_path.read_text(encoding="utf-8")) or {}
+        diff = config_diff(stored, OmegaConf.to_container(cfg, resolve=True))
+        if diff:
+            log.error(
+                "%s holds a complete run of another configuration:\n%s\nPass overwrite=true to "
+                "replace it (it is kept as a backup).",
+                run_dir.path,
+                "\n".join(f"    {line}" for line in diff[:40]),
+            )
+            sys.exit(EXIT_CODES["config"])
+    log.info(
+        "run already complete, nothing to do; results in %s (summary.json, metrics.jsonl). "
+        "Pass overwrite=true to run it again (the old directory is kept as a backup).",
+        run_dir.path,
+    )
+
+
+def _run_locked(cfg: DictConfig, info: DistInfo, run_dir: RunDirectory) -> None:
+    main_rank = info.is_main
     complete = run_dir.is_complete()
     barrier()  # every rank has looked before rank 0 moves anything
     if complete and not cfg.overwrite:
-        log.info(
-            "run already complete, nothing to do; results in %s (summary.json, metrics.jsonl). "
-            "Pass overwrite=true to run it again (the old directory is kept as a backup).",
-            run_dir.path,
-        )
+        _ended(cfg, run_dir)
         return
     if main_rank and cfg.overwrite and run_dir.has_results():
         run_dir.move_aside()
         _reopen_log_files(run_dir.path)
 
+    apply_thread_policy(cfg)
     seed_everything(int(cfg.seed))
     task = instantiate(cfg.task)
     if info.world_size > 1 and not hasattr(task, "distributed"):
@@ -142,17 +310,52 @@ def _run(cfg: DictConfig, info: DistInfo) -> None:
             overrides=list(HydraConfig.get().overrides.task),
         )
 
-    state = start() if main_rank else None
-    barrier()  # rank 0 has (re)started the directory (moved aside, truncated the metrics)
-    if not main_rank:
-        state = start()  # read-only: the checkpoint rank 0 resumes from
+    try:
+        state = start() if main_rank else None
+        barrier()  # rank 0 has (re)started the directory (moved aside, truncated the metrics)
+        if not main_rank:
+            state = start()  # read-only: the checkpoint rank 0 resumes from
+    except ConfigMismatchError as err:
+        log.error("%s", err)
+        sys.exit(EXIT_CODES["config"])
+    except CorruptCheckpointError as err:
+        log.error("%s", err)
+        sys.exit(EXIT_CODES["damaged"])
     barrier()  # every rank holds it before rank 0 writes the next checkpoint
     log.info("%s run in %s", "resuming" if state is not None else "starting", run_dir.path)
 
-    metrics = task.run(run_dir)
+    try:
+        metrics = task.run(run_dir)
+    except Diverged as err:
+        run_dir.close()
+        if main_rank:
+            label = getattr(task, "label", None) or getattr(task, "method_name", "") or ""
+            run_dir.finish(
+                {"method": label, "n_steps": err.step},
+                source_dir=REPO,
+                status="diverged",
+                details={"step": err.step, "cause": err.cause, "last_finite": err.last_finite},
+            )
+        log.error(
+            "the run diverged: %s at step %d (last finite values: %s); summary.json says "
+            "status: diverged. Start it anew with other settings and overwrite=true, or set "
+            "trainer.on_nonfinite=skip_step to skip such steps.",
+            err.cause,
+            err.step,
+            err.last_finite or "none",
+        )
+        sys.exit(EXIT_CODES["diverged"])
     barrier()  # every rank is done before the run is marked complete
     if metrics is None:
         run_dir.close()
+        if run_dir.interrupted_at is not None:
+            log.warning(
+                "interrupted at step %d; run the same command to resume (%s, %s)",
+                run_dir.interrupted_at,
+                run_dir.stop_reason,
+                run_dir.path,
+            )
+            sys.exit(EXIT_CODES["interrupted"])
         log.info("stopped before the end; run the same command again to resume %s", run_dir.path)
         return
     if not main_rank:

@@ -1,14 +1,20 @@
 """Collection step: gather the runs of one paper artefact into one tidy CSV.
 
-    python scripts/collect.py ARTEFACT [--runs DIR ...] [--out experiments] [--include-incomplete]
+    python scripts/collect.py ARTEFACT [--runs DIR ...] [--out DIR | --update-committed]
+                              [--include-incomplete] [--allow-shrink]
 
 Finds every run directory (a directory holding ``config.yaml``) under the roots given by
 ``--runs`` (default ``$SHINE_RUNS`` or ``runs``) whose config ``tags`` contain the artefact's
-tag, and writes ``<out>/<ARTEFACT>/runs.csv``: one row per (run, logged record), columns
+tag, and writes ``<out>/<ARTEFACT>/runs.csv`` (``<out>`` defaults to ``$SHINE_RUNS/collected``;
+the committed tables under ``experiments/`` are written only with ``--update-committed`` or an
+explicit ``--out``) together with its ``summary.csv`` (bi-level figures, Fig. 3, Fig. E.3), and
+refuses to replace a table by one with fewer runs in some (data set, method, mode) group unless
+``--allow-shrink``: one row per (run, logged record), columns
 ``artefact``, the identity columns read from ``config.yaml`` (bi-level: ``dataset, loss, method,
 seed``), the metric columns read from ``metrics.jsonl`` (bi-level: ``step, time, test_loss,
-outer_loss, log_lambda, inner_iters, inner_time, backward_time, backward_iters, rejected``) and
-``run_dir`` (relative to its root). Rules:
+outer_loss, log_lambda, inner_iters, inner_time, backward_time, backward_iters, rejected``),
+``status`` (``complete``, or ``diverged`` for a run stopped by non-finite values: the figure
+scripts leave those out and say how many) and ``run_dir`` (relative to its root). Rules:
 
 * only complete runs (``summary.json`` present) unless ``--include-incomplete``;
 * unparsable ``metrics.jsonl`` lines (a run killed mid-write) are skipped with a warning;
@@ -55,6 +61,8 @@ BILEVEL_IDENTITY: dict[str, tuple[str, ...]] = {
     "dataset": ("task.dataset.name", "dataset.name"),
     "loss": ("task.loss",),
     "method": ("task.method_name", "task.method.name", "method.name"),
+    # faithful (the authors' code) or robust (ours); empty for runs made before modes existed
+    "mode": ("task.method.mode", "method.mode"),
     "seed": ("seed", "task.seed"),
 }
 BILEVEL_METRICS: tuple[str, ...] = (
@@ -69,7 +77,12 @@ BILEVEL_METRICS: tuple[str, ...] = (
     "backward_iters",
     "rejected",
 )
-FIG1_SWEEP = "python train.py -m +sweep=fig1 [dataset=news20|real_sim|synthetic_news_small]"
+FIG1_SWEEP = (
+    "python train.py -m +sweep=fig1 [dataset=news20|real_sim|synthetic_news] "
+    "[method.mode=faithful|robust]"
+)
+#: the methods of the paper's Figure 1 (Figure E.1 adds HOAG limited backward and random search)
+FIG1_METHODS = ("hoag", "shine", "shine_refine", "jacobian_free", "grid_search")
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,8 @@ class Artefact:
         rows_fn: ``(run directory, config) -> rows`` replacing the per-record rows (identity
             columns then come from the rows, not from ``identity``'s config paths, and
             duplicates are removed per row).
+        methods: if set, only runs of these methods (the ``method`` identity column) belong to
+            the artefact (Figure 1 and Figure E.1 share one sweep).
     """
 
     tag: str
@@ -101,11 +116,12 @@ class Artefact:
     order: str | None = "step"
     extra_tags: tuple[str, ...] = ()
     rows_fn: Callable[[Path, Mapping[str, Any]], list[dict[str, Any]]] | None = None
+    methods: tuple[str, ...] | None = None
 
     @property
     def columns(self) -> list[str]:
         """The CSV header."""
-        return ["artefact", *self.identity, *self.metrics, "run_dir"]
+        return ["artefact", *self.identity, *self.metrics, "status", "run_dir"]
 
 
 def deq_artefacts() -> dict[str, Artefact]:
@@ -163,15 +179,17 @@ def deq_artefacts() -> dict[str, Artefact]:
 
 
 ARTEFACTS: dict[str, Artefact] = {
-    "fig1": Artefact(tag="fig1", produced_by=FIG1_SWEEP),
+    "fig1": Artefact(tag="fig1", produced_by=FIG1_SWEEP, methods=FIG1_METHODS),
     "fig_e1": Artefact(tag="fig_e1", produced_by=FIG1_SWEEP),
     "fig2_left": Artefact(
         tag="fig2_left",
-        produced_by="python train.py -m +sweep=fig2_left [dataset=news20|synthetic_news_small]",
+        produced_by="python train.py -m +sweep=fig2_left [dataset=news20|synthetic_news] "
+        "[method.mode=faithful|robust]",
     ),
     "fig_e2": Artefact(
         tag="fig_e2",
-        produced_by="python train.py -m +sweep=fig_e2 [dataset=news20|synthetic_news_small]",
+        produced_by="python train.py -m +sweep=fig_e2 [dataset=news20|synthetic_news] "
+        "[method.mode=faithful|robust]",
     ),
     "demo": Artefact(tag="demo", produced_by="python train.py -m +sweep=demo_bilevel"),
     **deq_artefacts(),
@@ -199,6 +217,15 @@ class Run:
             if p.is_file():
                 return p.stat().st_mtime
         return 0.0
+
+    @property
+    def status(self) -> str:
+        """``complete`` / ``diverged`` from ``summary.json`` (``incomplete`` without one)."""
+        try:
+            summary = json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "incomplete"
+        return str(summary.get("status", "complete"))
 
     @property
     def rel(self) -> str:
@@ -286,6 +313,10 @@ def find_runs(
             wanted = (artefact.tag, *artefact.extra_tags)
             if not isinstance(tags, list) or not any(t in tags for t in wanted):
                 continue
+            if artefact.methods is not None:
+                method = lookup(config, artefact.identity.get("method", ()))
+                if method not in artefact.methods:
+                    continue
             complete = (path / "summary.json").is_file()
             if not complete and not include_incomplete:
                 logger.info("skipping incomplete run %s (no summary.json)", path)
@@ -377,6 +408,7 @@ def rows_of_run(run: Run, artefact: Artefact, name: str) -> list[dict[str, Any]]
             by_key[k] = r
         records = list(by_key.values())
     ident = identity_of(run, artefact)
+    status = run.status
     rows = []
     for record in records:
         row: dict[str, Any] = {"artefact": name, **ident}
@@ -385,6 +417,7 @@ def rows_of_run(run: Run, artefact: Artefact, name: str) -> list[dict[str, Any]]
             if isinstance(value, list | tuple):
                 value = value[0] if value else None
             row[key] = value
+        row["status"] = status
         row["run_dir"] = run.rel
         rows.append(row)
     return rows
@@ -397,7 +430,7 @@ def custom_rows(runs: list[Run], artefact: Artefact, name: str) -> list[dict[str
     kept: dict[tuple, tuple[Run, dict[str, Any]]] = {}
     for run in sorted(runs, key=lambda r: (r.mtime, r.path.as_posix())):
         for row in artefact.rows_fn(run.path, run.config):
-            row = {"artefact": name, **row, "run_dir": run.rel}
+            row = {"artefact": name, **row, "status": run.status, "run_dir": run.rel}
             key = _sort_key(cell(row.get(c)) for c in key_cols)
             if key in kept and kept[key][0] is not run:
                 logger.warning(
@@ -492,24 +525,102 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: where tables go unless told otherwise (never over the committed ones by accident)
+def default_out() -> Path:
+    """``${SHINE_RUNS:-runs}/collected``."""
+    return default_roots()[0] / "collected"
+
+
+COMMITTED = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _runs_by_group(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, set]:
+    groups: dict[tuple, set] = {}
+    for row in rows:
+        key = tuple(cell(row.get(c)) for c in ("dataset", "loss", "method", "mode", "n"))
+        groups.setdefault(key, set()).add(cell(row.get("run_dir")))
+    return groups
+
+
+def shrinkage(old_csv: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """How the new ``rows`` would shrink the table ``old_csv``: one line per group (data set,
+    loss, method, mode, n) that loses runs, or the total row count; empty if it does not."""
+    if not old_csv.is_file():
+        return []
+    with old_csv.open(encoding="utf-8", newline="") as fh:
+        old = list(csv.DictReader(fh))
+    before, after = _runs_by_group(old), _runs_by_group(rows)
+    lost = []
+    for key, runs in sorted(before.items()):
+        n_new = len(after.get(key, ()))
+        if n_new < len(runs):
+            label = ", ".join(k for k in key if k) or "(all)"
+            lost.append(f"{label}: {len(runs)} runs -> {n_new}")
+    if not lost and len(rows) < len(old):
+        lost.append(f"{len(old)} rows -> {len(rows)}")
+    return lost
+
+
+def write_summary(name: str, table: Path) -> Path | None:
+    """Rewrite the ``summary.csv`` beside ``table`` from it (bi-level figures, Fig. 3, Fig. E.3);
+    ``None`` for the artefacts whose summaries are made by other scripts (the DEQ tables)."""
+    if name in ("fig1", "fig_e1", "fig2_left", "fig_e2", "demo"):
+        import fig_bilevel
+
+        rows, _ = fig_bilevel.drop_diverged(fig_bilevel.read_table(table))
+        summary = fig_bilevel.summarize(rows, name)
+        return fig_bilevel.write_summary(summary, table.parent / "summary.csv")
+    if name in ("fig3", "fig_e3"):
+        import fig_deq
+
+        rows = deq_results.read_table(table)
+        stats = (
+            fig_deq.fig3_points(rows, "backward") if name == "fig3" else fig_deq.e3_summary(rows)
+        )
+        if not stats:
+            return None
+        path = table.parent / "summary.csv"
+        fig_deq.write_csv(path, stats, list(stats[0]))
+        return path
+    return None
+
+
 def collect(
     name: str,
     roots: Iterable[Path] | None = None,
-    out: Path = Path("experiments"),
+    out: Path | None = None,
     include_incomplete: bool = False,
+    allow_shrink: bool = False,
 ) -> tuple[Path, list[dict[str, Any]]]:
-    """Collect artefact ``name`` into ``<out>/<name>/runs.csv``.
+    """Collect artefact ``name`` into ``<out>/<name>/runs.csv`` (and its ``summary.csv``).
+
+    Args:
+        name: the artefact.
+        roots: where to look for run directories (default :func:`default_roots`).
+        out: output root (default :func:`default_out`; the committed tables are
+            ``experiments/``).
+        include_incomplete: also collect runs without ``summary.json``.
+        allow_shrink: replace an existing table even if the new one has fewer runs in some
+            group (else :class:`CollectError`).
 
     Returns:
         ``(path of the CSV, its rows)``.
 
     Raises:
-        CollectError: unknown artefact, or no run found.
+        CollectError: unknown artefact, no run found, or a table that would shrink.
     """
     artefact = get_artefact(name)
     rows = build_rows(name, roots, include_incomplete)
-    path = Path(out) / name / "runs.csv"
+    path = Path(out if out is not None else default_out()) / name / "runs.csv"
+    lost = shrinkage(path, rows)
+    if lost and not allow_shrink:
+        raise CollectError(
+            f"{path} would lose runs:\n    " + "\n    ".join(lost) + "\n(the runs found are "
+            "not all the runs of the table: point --runs at every root holding them, or pass "
+            "--allow-shrink to replace it anyway)"
+        )
     write_atomic(path, to_csv_text(rows, artefact.columns))
+    write_summary(name, path)
     return path, rows
 
 
@@ -526,7 +637,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="roots searched for run directories (default: $SHINE_RUNS or runs)",
     )
-    parser.add_argument("--out", type=Path, default=Path("experiments"), help="output root")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output root (default: $SHINE_RUNS/collected, or runs/collected)",
+    )
+    parser.add_argument(
+        "--update-committed",
+        action="store_true",
+        help="write the committed table experiments/<artefact>/runs.csv (and its summary.csv)",
+    )
+    parser.add_argument(
+        "--allow-shrink",
+        action="store_true",
+        help="replace a table even if it loses runs (e.g. after deleting a method on purpose)",
+    )
     parser.add_argument(
         "--include-incomplete",
         action="store_true",
@@ -540,8 +666,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.artefact not in ARTEFACTS:
         parser.error(f"unknown artefact {args.artefact!r}; valid: {', '.join(ARTEFACTS)}")
+    if args.update_committed and args.out is not None:
+        parser.error("--update-committed writes under experiments/; do not pass --out with it")
+    out = COMMITTED if args.update_committed else args.out
     try:
-        path, rows = collect(args.artefact, args.runs, args.out, args.include_incomplete)
+        path, rows = collect(
+            args.artefact, args.runs, out, args.include_incomplete, args.allow_shrink
+        )
     except CollectError as err:
         print(f"collect.py: error: {err}", file=sys.stderr)
         return 2

@@ -6,16 +6,20 @@
 Reads the tidy table written by ``python scripts/collect.py ARTEFACT`` and applies the authors'
 plotting protocol (official-code notes §2.6): one panel per (dataset, loss) of the table; per
 seed, the suboptimality ``test_loss - best + eps`` where ``best`` is the lowest held-out loss of
-that seed over *all* methods of the table and all steps; per method and step index, the median
-over seeds (line) and a quantile band (10/90 % for fig1/fig_e1, 25/75 % for fig2_left/fig_e2)
-against the median over seeds of the cumulative ``time`` at that step; log-scale y.
+that seed over *all* methods of the table and all steps; per method, mode and step index, the
+median over seeds (line) and a quantile band (10/90 % for fig1/fig_e1, 25/75 % for
+fig2_left/fig_e2) against the median over seeds of the cumulative ``time`` at that step;
+log-scale y. Runs of ``method.mode=faithful`` (the authors' code) are drawn solid, those of
+``robust`` (ours) dashed with hollow markers; every method and mode of the table is in the
+legend. A second row shows the ``log λ`` trajectory of the first seed of each curve against
+time.
 
 ``eps`` (the paper's additive offset: 10 for Fig. 1/E.1 on losses ~1e2) defaults to
 ``1e-2 x`` the median over seeds of ``best`` in each panel; ``--eps`` sets one absolute value.
 
 Writes one figure per artefact, one panel per dataset: ``<out>/<ARTEFACT>.{pdf,png}``, and
-``summary.csv`` next to the table (per dataset, loss and method: number of seeds, median final
-held-out loss, median time to come within 1 % and 0.1 % of the per-seed best, NaN when the
+``summary.csv`` next to the table (per dataset, loss, method and mode: number of seeds, median
+final held-out loss, median time to come within 1 % and 0.1 % of the per-seed best, NaN when the
 median seed never does). Exit codes: 0 done, 2 missing table / nothing to plot.
 """
 
@@ -107,6 +111,7 @@ SUMMARY_COLUMNS = [
     "dataset",
     "loss",
     "method",
+    "mode",
     "n_seeds",
     "median_final_test_loss",
     "median_best_test_loss",
@@ -118,6 +123,9 @@ SUMMARY_COLUMNS = [
 ]
 
 Panel = tuple[str, str]  # (dataset, loss)
+Series = tuple[str, str]  # (method, mode); mode "" for runs without one
+#: order of the modes in legends and tables
+MODES = ("authors", "faithful", "", "robust")
 
 
 class FigureError(RuntimeError):
@@ -151,8 +159,20 @@ def read_table(path: Path) -> list[dict[str, Any]]:
             row["step"] = int(raw["step"])
             row["time"] = _float(raw["time"])
             row["test_loss"] = _float(raw["test_loss"])
+            row["mode"] = raw.get("mode") or ""
+            row["log_lambda"] = _float(raw.get("log_lambda", ""))
+            row["status"] = raw.get("status") or "complete"
             rows.append(row)
     return rows
+
+
+def drop_diverged(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The rows of runs that did not diverge (``status`` column), and how many runs did."""
+    diverged = {r.get("run_dir") for r in rows if r.get("status") == "diverged"}
+    if diverged:
+        names = ", ".join(sorted(diverged))
+        logger.warning("%d diverged run(s) left out: %s", len(diverged), names)
+    return [r for r in rows if r.get("status") != "diverged"], len(diverged)
 
 
 def panel_order(panels: Sequence[Panel], datasets: Sequence[str] | None = None) -> list[Panel]:
@@ -165,22 +185,47 @@ def panel_order(panels: Sequence[Panel], datasets: Sequence[str] | None = None) 
     )
 
 
-def group(rows: Sequence[dict[str, Any]]) -> dict[Panel, dict[str, dict[int, np.ndarray]]]:
-    """``{(dataset, loss): {method: {seed: array of (step, time, test_loss) by step}}}``."""
-    out: dict[Panel, dict[str, dict[int, list]]] = {}
+def group(rows: Sequence[dict[str, Any]]) -> dict[Panel, dict[Series, dict[int, np.ndarray]]]:
+    """``{(dataset, loss): {(method, mode): {seed: (step, time, test_loss, log λ) by step}}}``."""
+    out: dict[Panel, dict[Series, dict[int, list]]] = {}
     for r in rows:
-        seeds = out.setdefault((r["dataset"], r["loss"]), {}).setdefault(r["method"], {})
-        seeds.setdefault(r["seed"], []).append((r["step"], r["time"], r["test_loss"]))
+        series = (r["method"], r.get("mode", ""))
+        seeds = out.setdefault((r["dataset"], r["loss"]), {}).setdefault(series, {})
+        seeds.setdefault(r["seed"], []).append(
+            (r["step"], r["time"], r["test_loss"], r.get("log_lambda", math.nan))
+        )
     return {
         panel: {
-            m: {s: np.array(sorted(v), float).reshape(-1, 3) for s, v in seeds.items()}
+            m: {s: np.array(sorted(v), float).reshape(-1, 4) for s, v in seeds.items()}
             for m, seeds in methods.items()
         }
         for panel, methods in out.items()
     }
 
 
-def best_per_seed(methods: dict[str, dict[int, np.ndarray]]) -> dict[int, float]:
+def series_order(present: Sequence[Series], methods: Sequence[str]) -> list[Series]:
+    """The series of ``present`` in figure order: methods as listed, then faithful before robust;
+    methods the figure spec does not list follow, alphabetically."""
+    rank = {m: i for i, m in enumerate(methods)}
+
+    def key(series: Series) -> tuple:
+        method, mode = series
+        return (rank.get(method, len(rank)), method, MODES.index(mode) if mode in MODES else 9)
+
+    return sorted(present, key=key)
+
+
+def series_label(series: Series) -> str:
+    """Legend label: ``SHINE (ours), faithful``, ``SHINE (ours), robust``; runs of the authors'
+    own code (mode ``authors``, ``experiments/authors_code/``): ``SHINE, authors' code``."""
+    method, mode = series
+    label = METHOD_STYLES[method].label if method in METHOD_STYLES else method
+    if mode == "authors":
+        return f"{label.replace(' (ours)', '')}, authors' code"
+    return f"{label}, {mode}" if mode else label
+
+
+def best_per_seed(methods: dict[Series, dict[int, np.ndarray]]) -> dict[int, float]:
     """Lowest finite held-out loss of each seed over all methods and steps."""
     best: dict[int, float] = {}
     for seeds in methods.values():
@@ -210,7 +255,7 @@ def curve(
     for seed, arr in seeds.items():
         if seed not in best:
             continue
-        for step, time, loss in arr:
+        for step, time, loss, _ in arr:
             if np.isfinite(loss):
                 by_step.setdefault(int(step), []).append((time, loss - best[seed] + eps))
     steps = sorted(by_step)
@@ -226,17 +271,15 @@ def curve(
 
 
 def summarize(rows: Sequence[dict[str, Any]], artefact: str) -> list[dict[str, Any]]:
-    """Per (dataset, loss, method) of the artefact: the numbers of ``summary.csv``."""
+    """Per (dataset, loss, method, mode) of the artefact: the numbers of ``summary.csv``."""
     spec = FIGURES[artefact]
     grouped = group(rows)
     out = []
     for panel in panel_order(list(grouped)):
         methods = grouped[panel]
         best = best_per_seed(methods)
-        for method in spec.methods:
-            if method not in methods:
-                continue
-            seeds = {s: a for s, a in sorted(methods[method].items()) if s in best}
+        for series in series_order(list(methods), spec.methods):
+            seeds = {s: a for s, a in sorted(methods[series].items()) if s in best}
             finals, bests, totals = [], [], []
             reach: dict[str, list[float]] = {k: [] for k in TARGETS}
             for seed, arr in seeds.items():
@@ -252,7 +295,8 @@ def summarize(rows: Sequence[dict[str, Any]], artefact: str) -> list[dict[str, A
                 "artefact": artefact,
                 "dataset": panel[0],
                 "loss": panel[1],
-                "method": method,
+                "method": series[0],
+                "mode": series[1],
                 "n_seeds": len(finals),
                 "median_final_test_loss": median_or_nan(finals),
                 "median_best_test_loss": median_or_nan(bests),
@@ -300,52 +344,61 @@ def plot(
     eps: float | None = None,
     xmax: float | None = None,
     datasets: Sequence[str] | None = None,
+    left_out: int = 0,
 ) -> list[Path]:
-    """Draw one panel per (dataset, loss) and save ``<out_stem>.{pdf,png}``.
+    """Draw one column per (dataset, loss) and save ``<out_stem>.{pdf,png}``.
+
+    Top row: held-out suboptimality (median and band over seeds) of every method and mode of
+    the table; bottom row: ``log λ`` of the first seed of each curve against time. ``left_out``
+    diverged runs (not in ``rows``) are mentioned under the legend.
 
     Raises:
-        FigureError: if no panel has any method of the artefact.
+        FigureError: if the table holds no run.
     """
     spec = FIGURES[artefact]
     grouped = group(rows)
-    panels = [
-        p for p in panel_order(list(grouped), datasets) if set(grouped[p]) & set(spec.methods)
-    ]
+    panels = panel_order(list(grouped), datasets)
     if not panels:
         raise FigureError(
-            f"no run of the methods {', '.join(spec.methods)} in the table"
+            "no run in the table"
             + (f" for the data sets {', '.join(datasets)}" if datasets else "")
         )
-    fig, axes = figure(ncols=len(panels), height=2.4)
-    shown: list[str] = []
-    for ax, panel in zip(axes[0], panels, strict=True):
+    fig, axes = figure(nrows=2, ncols=len(panels), height=4.2, sharex="col")
+    handles: dict[str, Any] = {}
+    for col, panel in enumerate(panels):
+        ax, ax_lam = axes[0][col], axes[1][col]
         methods = grouped[panel]
         best = best_per_seed(methods)
         panel_eps = eps if eps is not None else default_eps(best)
         for method in spec.methods:
-            if method not in methods:
+            if not any(m == method for m, _ in methods):
                 logger.warning("%s: no run of %s for %s", artefact, method, panel_title(panel))
-                continue
-            c = curve(methods[method], best, panel_eps, spec.band)
+        for series in series_order(list(methods), spec.methods):
+            method, mode = series
+            c = curve(methods[series], best, panel_eps, spec.band)
             style = METHOD_STYLES.get(method, MethodStyle(method, "0.5", "."))
-            ax.plot(
-                c["time"],
-                c["median"],
-                color=style.color,
-                linestyle=style.linestyle,
-                marker=style.marker,
-                markevery=max(1, len(c["time"]) // 8),
-                markersize=3,
-                linewidth=1.0,
-                label=style.label,
+            robust = mode == "robust"
+            line_kw = {
+                "color": style.color,
+                "linestyle": ("--" if style.linestyle == "-" else "-.")
+                if robust
+                else style.linestyle,
+                "marker": style.marker,
+                "markerfacecolor": "none" if robust else style.color,
+                "markersize": 3,
+                "linewidth": 1.0,
+            }
+            (line,) = ax.plot(
+                c["time"], c["median"], markevery=max(1, len(c["time"]) // 8), **line_kw
             )
-            ax.fill_between(c["time"], c["lo"], c["hi"], color=style.color, alpha=0.15, lw=0)
-            if method not in shown:
-                shown.append(method)
+            ax.fill_between(c["time"], c["lo"], c["hi"], color=style.color, alpha=0.12, lw=0)
+            first = methods[series][min(methods[series])]
+            ax_lam.plot(first[:, 1], first[:, 3], markevery=max(1, len(first) // 8), **line_kw)
+            handles.setdefault(series_label(series), line)
         ax.set_yscale("log")
         ax.set_xlim(left=0, right=xmax)
         ax.set_title(panel_title(panel))
-        ax.set_xlabel("time (s)")
+        ax_lam.set_xlabel("time (s)")
         ax.text(
             0.97,
             0.97,
@@ -356,21 +409,16 @@ def plot(
             fontsize="x-small",
         )
     axes[0][0].set_ylabel(r"held-out loss $-$ best $+\ \varepsilon$")
-    handles, labels = [], []
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    order = [labels.index(METHOD_STYLES[m].label) for m in shown if m in METHOD_STYLES]
-    order += [i for i in range(len(labels)) if i not in order]
+    axes[1][0].set_ylabel(r"$\log\lambda$ (first seed)")
     fig.legend(
-        [handles[i] for i in order],
-        [labels[i] for i in order],
+        list(handles.values()),
+        list(handles),
         loc="upper center",
         bbox_to_anchor=(0.5, 0.0),
-        ncol=min(len(labels), 4 if len(panels) > 1 else 2),
+        ncol=min(len(handles), 4 if len(panels) > 1 else 2),
         fontsize="small",
+        title=f"{left_out} diverged run(s) left out" if left_out else None,
+        title_fontsize="x-small",
     )
     return save(fig, out_stem)
 
@@ -378,12 +426,13 @@ def plot(
 def summary_lines(summary: Sequence[dict[str, Any]]) -> list[str]:
     """Human-readable lines of the summary."""
     lines = [
-        f"  {'dataset':<22} {'loss':<9} {'method':<15} {'seeds':>5} {'final loss':>11} "
-        f"{'t(1%) s':>9} {'t(0.1%) s':>9}"
+        f"  {'dataset':<22} {'loss':<9} {'method':<15} {'mode':<9} {'seeds':>5} "
+        f"{'final loss':>11} {'t(1%) s':>9} {'t(0.1%) s':>9}"
     ]
     for r in summary:
         lines.append(
-            f"  {r['dataset']:<22} {r['loss']:<9} {r['method']:<15} {r['n_seeds']:>5} "
+            f"  {r['dataset']:<22} {r['loss']:<9} {r['method']:<15} {r['mode'] or '-':<9} "
+            f"{r['n_seeds']:>5} "
             f"{_fmt(r['median_final_test_loss']):>11} {_fmt(r['median_time_to_1pct']):>9} "
             f"{_fmt(r['median_time_to_0p1pct']):>9}"
         )
@@ -417,11 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown artefact {args.artefact!r}; valid: {', '.join(FIGURES)}")
     table = args.table or Path("experiments") / args.artefact / "runs.csv"
     try:
-        rows = read_table(table)
+        rows, left_out = drop_diverged(read_table(table))
         if args.datasets:
             rows = [r for r in rows if r["dataset"] in args.datasets]
         stem = args.out / args.artefact
-        paths = plot(rows, args.artefact, stem, args.eps, args.xmax, args.datasets)
+        paths = plot(rows, args.artefact, stem, args.eps, args.xmax, args.datasets, left_out)
     except FigureError as err:
         print(
             f"fig_bilevel.py: error: {err}; produce the table with:\n"
@@ -432,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(rows, args.artefact)
     summary_path = write_summary(summary, args.summary or table.parent / "summary.csv")
     print(f"{args.artefact}: wrote {', '.join(str(p) for p in paths)} and {summary_path}")
+    if left_out:
+        print(f"  {left_out} diverged run(s) left out of the figure and the summary")
     for line in summary_lines(summary):
         print(line)
     return 0

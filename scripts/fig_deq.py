@@ -93,8 +93,17 @@ def fig3_points(rows: list[dict[str, str]], x: str = "backward") -> list[dict[st
     """Aggregate training rows per (dataset, family, n): mean/std top-1, median time, seeds."""
     column = {"backward": "median_backward_ms", "implicit": "median_implicit_ms"}[x]
     groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    diverged = [r for r in rows if r.get("status") == "diverged"]
+    if diverged:
+        logger.warning(
+            "%d diverged run(s) left out of Fig. 3: %s",
+            len(diverged),
+            ", ".join(sorted(r.get("run_dir", "?") for r in diverged)),
+        )
     for r in rows:
         if r.get("kind") != "train" or r.get("family") not in FIG3_FAMILIES:
+            continue
+        if r.get("status") == "diverged":
             continue
         groups.setdefault((r["dataset"], r["family"], r["n"]), []).append(r)
     points = []

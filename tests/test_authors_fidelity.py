@@ -139,3 +139,21 @@ def test_each_quirk_of_the_faithful_preset_matters(scheme, method, overrides):
     # overrides are applied after outer_half=second, so outer_half=first wins
     devs = [deviation(scheme, method, overrides, seed, 6) for seed in range(3)]
     assert max(devs) > 2e-2, devs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "seed"), [("shine", 0), ("hoag", 1), ("jacobian_free", 2)])
+def test_faithful_mode_follows_the_authors_code_on_the_20news_sized_set(method, seed):
+    # experiments/authors_code: their hoag_lbfgs on synthetic_news (18 000 x 100 000), 10 seeds
+    import csv
+
+    table = Path(__file__).parents[1] / "experiments" / "authors_code" / "fig_e1" / "runs.csv"
+    with table.open(newline="") as fh:
+        theirs = [
+            float(r["log_lambda"])
+            for r in csv.DictReader(fh)
+            if r["method"] == method and int(r["seed"]) == seed
+        ]
+    assert len(theirs) == 30
+    ours, _ = run(method, (), seed, 29, "synthetic_news")
+    assert float(np.abs(ours - np.array(theirs)).max()) < 1e-3

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ EXPECTED_COLUMNS = [
     "dataset",
     "loss",
     "method",
+    "mode",
     "seed",
     "step",
     "time",
@@ -43,14 +45,17 @@ EXPECTED_COLUMNS = [
     "backward_time",
     "backward_iters",
     "rejected",
+    "status",
     "run_dir",
 ]
 
 
-def _config(dataset, method, seed, tags, loss="logistic"):
+def _config(dataset, method, seed, tags, loss="logistic", mode=None):
     """A resolved config.yaml as train.py writes it (the keys collect.py reads, and more)."""
     ds = {"_target_": "shine.data.X", "train_fraction": 0.9, "name": dataset}
     meth = {"_target_": "shine.bilevel.HOAG", "name": method, "max_iter": 29}
+    if mode is not None:
+        meth["mode"] = mode
     return {
         "dataset": ds,
         "method": meth,
@@ -103,7 +108,8 @@ def make_run(path, dataset, method, seed, tags=("bilevel", "fig1", "fig_e1"), **
     """Write a run directory; ``complete`` controls summary.json, ``truncate`` a cut last line."""
     complete, truncate, offset = (kw.get(k) for k in ("complete", "truncate", "offset"))
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(_config(dataset, method, seed, tags)))
+    config = _config(dataset, method, seed, tags, mode=kw.get("mode"))
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
     lines = [json.dumps(r) for r in _records(dataset, method, seed, offset or 0.0)]
     text = "\n".join(lines) + "\n"
     if truncate:
@@ -228,6 +234,52 @@ def test_collect_cli_is_deterministic_and_matches_the_function(runs_root, tmp_pa
     assert not list((tmp_path / "fn" / "fig_e1").glob("*.tmp"))
 
 
+def test_committed_tables_are_written_only_when_told_and_never_shrunk(runs_root, tmp_path):
+    shine_runs = tmp_path / "shine_runs"
+    env = {"SHINE_RUNS": str(shine_runs)}
+    # by default into $SHINE_RUNS/collected, with the summary beside the table
+    res = _run("collect.py", "fig1", "--runs", runs_root, env=env)
+    assert res.returncode == 0, res.stderr
+    table = shine_runs / "collected" / "fig1" / "runs.csv"
+    assert table.is_file() and (table.parent / "summary.csv").is_file()
+    # an explicit --out, and the summary is rewritten with the table
+    out = tmp_path / "experiments"
+    path, _ = collect.collect("fig1", [runs_root], out)
+    summary = out / "fig1" / "summary.csv"
+    summary.write_text("stale\n")
+    collect.collect("fig1", [runs_root], out)
+    assert summary.read_text().startswith("artefact,dataset,loss,method,mode")
+    # one run only: the table would lose runs of every group, refused and left untouched
+    one = tmp_path / "one"
+    (one / "run").parent.mkdir()
+    shutil.copytree(next(p.parent for p in runs_root.rglob("summary.json")), one / "run")
+    before = path.read_bytes()
+    with pytest.raises(collect.CollectError, match="would lose runs") as err:
+        collect.collect("fig1", [one], out)
+    assert "--allow-shrink" in str(err.value) and path.read_bytes() == before
+    res = _run("collect.py", "fig1", "--runs", one, "--out", out)
+    assert res.returncode == 2 and "would lose runs" in res.stderr
+    collect.collect("fig1", [one], out, allow_shrink=True)
+    assert path.read_bytes() != before
+
+
+def test_diverged_runs_are_marked_and_left_out_of_the_figures(runs_root, tmp_path, caplog):
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_root, runs)
+    for summary in runs.rglob("summary.json"):
+        if summary.parent.name.endswith("method=shine,seed=1"):
+            data = json.loads(summary.read_text())
+            summary.write_text(json.dumps({**data, "status": "diverged"}))
+    path, rows = collect.collect("fig1", [runs], tmp_path / "out")
+    diverged = {r["run_dir"] for r in rows if r["status"] == "diverged"}
+    assert diverged and all("method=shine,seed=1" in d for d in diverged)
+    table = fig_bilevel.read_table(path)
+    kept, left_out = fig_bilevel.drop_diverged(table)
+    assert left_out == len(diverged) and all(r["status"] == "complete" for r in kept)
+    summary = {(r["dataset"], r["method"]): r for r in fig_bilevel.summarize(kept, "fig1")}
+    assert all(r["n_seeds"] == 2 for (d, m), r in summary.items() if m == "shine")
+
+
 def test_collect_without_runs_exits_2_naming_the_command(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -305,12 +357,46 @@ def test_summary_matches_a_hand_computation():
     assert math.isnan(jf["median_time_to_1pct"]) and jf["n_seeds_reaching_1pct"] == 0
 
 
+def test_modes_are_separate_curves_summary_rows_and_legend_entries(tmp_path):
+    rows = _tiny_rows()
+    robust = [dict(r, mode="robust", time=r["time"] / 2) for r in rows if r["method"] == "shine"]
+    faithful = [dict(r, mode="faithful") for r in rows]
+    summary = fig_bilevel.summarize(faithful + robust, "fig1")
+    keys = [(r["method"], r["mode"]) for r in summary]
+    assert keys == [
+        ("hoag", "faithful"),
+        ("shine", "faithful"),
+        ("shine", "robust"),
+        ("jacobian_free", "faithful"),
+    ]
+    by_key = {(r["method"], r["mode"]): r for r in summary}
+    assert by_key[("shine", "robust")]["median_time_to_1pct"] == 0.5  # half the time
+    assert by_key[("shine", "faithful")]["median_time_to_1pct"] == 1.0
+    assert fig_bilevel.series_label(("shine", "robust")) == "SHINE (ours), robust"
+    assert fig_bilevel.series_label(("shine", "authors")) == "SHINE, authors' code"
+    # every method and mode of the table is drawn, also one the figure spec does not list
+    extra = [dict(r, method="shine_opa") for r in robust]
+    paths = fig_bilevel.plot(faithful + robust + extra, "fig1", tmp_path / "f")
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_fig1_table_holds_the_paper_methods_and_fig_e1_all(tmp_path):
+    for method in ("hoag", "hoag_limited", "shine", "random_search"):
+        for mode in ("faithful", "robust"):
+            run = tmp_path / "runs" / f"method={method},method.mode={mode},seed=0"
+            make_run(run, "news20", method, 0, mode=mode, complete=True)
+    fig1 = {(r["method"], r["mode"]) for r in collect.build_rows("fig1", [tmp_path / "runs"])}
+    assert fig1 == {(m, mode) for m in ("hoag", "shine") for mode in ("faithful", "robust")}
+    e1 = {r["method"] for r in collect.build_rows("fig_e1", [tmp_path / "runs"])}
+    assert e1 == {"hoag", "hoag_limited", "shine", "random_search"}
+
+
 def test_curve_is_the_median_and_band_over_seeds():
     grouped = fig_bilevel.group(_tiny_rows())[("toy", "logistic")]
     best = fig_bilevel.best_per_seed(grouped)
     assert best == {0: 1.0, 1: 2.0, 2: 4.0}
     assert fig_bilevel.default_eps(best) == pytest.approx(0.02)
-    c = fig_bilevel.curve(grouped["shine"], best, eps=0.1, band=(0.25, 0.75))
+    c = fig_bilevel.curve(grouped[("shine", "")], best, eps=0.1, band=(0.25, 0.75))
     assert c["step"].tolist() == [0, 1, 2, 3] and c["n"].tolist() == [3, 3, 3, 3]
     sub1 = np.array([3 - 1, 2.5 - 2, 4.02 - 4]) + 0.1
     assert c["median"][1] == pytest.approx(0.6) == pytest.approx(np.median(sub1))
@@ -364,12 +450,32 @@ def test_saved_figures_are_byte_identical_across_saves(tmp_path):
     assert b"CreationDate" not in first[0].read_bytes()  # the PDF (saves within one second agree)
 
 
-def test_demo_summary_reads_the_settings_of_the_shine_runs(tmp_path):
-    sweep = tmp_path / "sweeps" / "demo_bilevel"
-    for method, mode in [("hoag", "faithful"), ("shine", "robust")]:
-        run = sweep / f"method={method},seed=0"
-        run.mkdir(parents=True)
-        config = {"method": {"name": method, "mode": mode, "inner_memory": "restart"}}
-        (run / "config.yaml").write_text(yaml.safe_dump(config))
-    assert demo_summary.bilevel_settings(tmp_path) == {"mode": "robust", "memory": "restart"}
-    assert demo_summary.bilevel_settings(tmp_path / "nowhere") is None
+def test_demo_summary_states_the_speed_up_of_each_mode(tmp_path, capsys):
+    # summary.csv as fig_bilevel.py writes it, one row per (method, mode)
+    summary = tmp_path / "demo" / "demo" / "summary.csv"
+    summary.parent.mkdir(parents=True)
+    times = {("hoag", "faithful"): (0.3, 0.6), ("shine", "faithful"): (0.2, 0.4)}
+    times |= {("hoag", "robust"): (1.0, 2.0), ("shine", "robust"): (0.25, 0.5)}
+    times |= {("jacobian_free", "robust"): (0.1, float("nan"))}
+    lines = [",".join(fig_bilevel.SUMMARY_COLUMNS)]
+    for (method, mode), (t1, t01) in times.items():
+        row = {c: "" for c in fig_bilevel.SUMMARY_COLUMNS}
+        row |= {"method": method, "mode": mode, "n_seeds": "3", "median_final_test_loss": "600"}
+        row |= {"median_time_to_1pct": str(t1), "median_time_to_0p1pct": str(t01)}
+        lines.append(",".join(row[c] for c in fig_bilevel.SUMMARY_COLUMNS))
+    summary.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "sweeps" / "demo_bilevel" / "method=shine,seed=0"
+    run.mkdir(parents=True)
+    config = {"method": {"name": "shine", "mode": "faithful", "inner_memory": "restart"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for method in demo_summary.DEQ:
+        digits = tmp_path / f"digits_{method}" / "seed=0"
+        digits.mkdir(parents=True)
+        result = {"final_test_top1": 97.0, "median_backward_ms": 2.0, "train_time_s": 10.0}
+        (digits / "summary.json").write_text(json.dumps(result))
+    assert demo_summary.main(["--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up of SHINE over HOAG (faithful): 1.50x to 1 %, 1.50x to 0.1 %" in out
+    assert "speed-up of SHINE over HOAG (robust): 4.00x to 1 %, 4.00x to 0.1 %" in out
+    assert "L-BFGS memory across outer steps: restart" in out
+    assert demo_summary.main(["--runs", str(tmp_path / "nowhere")]) == 2

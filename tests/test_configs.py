@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 SOLVERS = sorted(p.stem for p in (CONFIGS / "solver").glob("*.yaml"))
 BACKWARDS = sorted(p.stem for p in (CONFIGS / "backward").glob("*.yaml"))
@@ -116,11 +119,52 @@ def test_opa_inversion_has_the_authors_settings():
 def test_run_and_sweep_directories_are_deterministic(monkeypatch, tmp_path):
     monkeypatch.setenv("SHINE_RUNS", str(tmp_path))
     cfg = compose_train(["+experiment=opa_inversion", "seed=3"], hydra_node=True)
-    assert cfg.hydra.run.dir == f"{tmp_path}/opa_inversion/seed=3"
+    assert Path(cfg.hydra.run.dir) == tmp_path / "opa_inversion" / "seed=3"
     assert cfg.hydra.sweep.dir == f"{tmp_path}/sweeps/adhoc"
     excluded = cfg.hydra.job.config.override_dirname.exclude_keys
-    assert {"experiment", "sweep", "hydra/launcher"} <= set(excluded)
+    assert {"experiment", "sweep", "hydra/launcher", "seed"} <= set(excluded)
     assert cfg.hydra.output_subdir is None
+
+
+def test_run_directory_is_named_by_what_the_run_computes(tmp_path):
+    # the same experiment and seed with another backward, or another number of epochs, is
+    # another run; result-neutral overrides (logger, threads, checkpoint interval) are not
+    base = ["+experiment=digits_shine", "seed=1", f"paths.log_dir={tmp_path}"]
+    dirs = {}
+    for name, extra in {
+        "plain": [],
+        "refine": ["backward=shine_refine"],
+        "epochs": ["trainer.epochs=3"],
+        "neutral": ["logger=wandb", "trainer.num_threads=2", "trainer.checkpoint_every=5"],
+    }.items():
+        proc = subprocess.run(
+            [sys.executable, "train.py", *base, *extra, "--cfg", "all", "--resolve"]
+            + ["-p", "hydra.run.dir"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        dirs[name] = Path(proc.stdout.strip())
+    assert dirs["plain"] == tmp_path / "digits_shine" / "seed=1"
+    assert dirs["refine"] == tmp_path / "digits_shine" / "backward=shine_refine" / "seed=1"
+    assert dirs["epochs"] == tmp_path / "digits_shine" / "trainer.epochs=3" / "seed=1"
+    assert dirs["neutral"] == dirs["plain"]
+
+
+def test_excluded_overrides_are_the_result_neutral_keys():
+    from shine.runtime.run_dir import RESULT_NEUTRAL_KEYS
+
+    excluded = set(
+        compose_train([], hydra_node=True).hydra.job.config.override_dirname.exclude_keys
+    )
+    in_the_path = {"experiment", "sweep", "seed", "hydra/launcher"}
+    for key in excluded - in_the_path:
+        group = key.split("/")[0]
+        assert any(
+            key == k or key.startswith(k + ".") or group == k for k in RESULT_NEUTRAL_KEYS
+        ), f"{key} is left out of run directory names but not result-neutral on resume"
 
 
 def test_paths_come_from_the_environment(monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shine.runtime import JsonlMetrics, RunDirectory, WandbMirror, git_state
+from shine.runtime.run_dir import CorruptCheckpointError
 
 
 class NotData:
@@ -78,8 +79,12 @@ def test_checkpoint_is_atomic_and_loaded_weights_only(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary left
     assert torch.equal(run_dir.load_checkpoint()["w"], torch.ones(2))
     run_dir.save_checkpoint({"obj": NotData()}, step=1)
-    with pytest.raises(pickle.UnpicklingError):
+    # the previous checkpoint is kept; the one holding code is refused, naming both
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt", "prev.pt"]
+    with pytest.raises(CorruptCheckpointError, match="prev.pt \\(step 0\\) is intact") as err:
         run_dir.load_checkpoint()
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
+    assert str(path) in str(err.value) and "overwrite=true" in str(err.value)
 
 
 def test_complete_run_detection_and_refusal_to_restart(tmp_path):

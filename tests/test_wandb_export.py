@@ -108,7 +108,7 @@ def mirror_run(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_runs(tmp_path_factory) -> Path:
-    """Real train.py runs: the demo's bi-level sweep (HOAG, SHINE, JF; breast cancer), seed 0."""
+    """Real train.py runs: the demo's bi-level sweep (HOAG, SHINE, JF) on breast cancer, seed 0."""
     runs = tmp_path_factory.mktemp("local") / "runs"
     proc = subprocess.run(
         [
@@ -116,6 +116,8 @@ def local_runs(tmp_path_factory) -> Path:
             "train.py",
             "-m",
             "+sweep=demo_bilevel",
+            "dataset=breast_cancer_split",
+            "method.mode=faithful",
             "seed=0",
             f"paths.log_dir={runs}",
         ],

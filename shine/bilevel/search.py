@@ -10,6 +10,12 @@ loss of a record is computed on.
 * :class:`RandomSearch`: ``n_points`` values drawn uniformly in ``[low, high]`` (seeded).
 
 (The authors' ``shine`` branch swapped the two labels; here each name means what it says.)
+
+``mode="faithful"`` (default) runs each inner solve with SciPy's L-BFGS-B
+(:class:`shine.solvers.ScipyLBFGSB`, the tolerance tested at every evaluation, as the authors'
+``hoag_lbfgs``) and draws the random candidates as their code did
+(``RandomState(seed).uniform(low, high, n_points)``); ``mode="robust"`` runs ``solver`` (our
+PyTorch L-BFGS) and draws from a torch generator seeded from ``seed``.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from shine.bilevel.hoag import BilevelProblem
 from shine.runtime.seeding import derived_seed
 from shine.solvers.lbfgs import LBFGS
+from shine.solvers.scipy_lbfgsb import ScipyLBFGSB
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class _Search:
         high: largest log-regularisation.
         rel_tol: relative tolerance of each inner solve.
         warm_start: start each solve from the previous solution (else from ``w0``).
+        mode: ``"faithful"`` or ``"robust"`` (see the module docstring).
         name: label of the method in logs, run summaries and figures.
     """
 
@@ -47,6 +56,7 @@ class _Search:
     high: float = 12.0
     rel_tol: float = 1e-3
     warm_start: bool = True
+    mode: Literal["faithful", "robust"] = "faithful"
     name: str = "search"
 
     kind = "grid"
@@ -61,6 +71,19 @@ class _Search:
             raise ValueError(f"n_points must be >= 1, got {self.n_points}")
         if not self.low < self.high:
             raise ValueError(f"need low < high, got low={self.low}, high={self.high}")
+        if self.mode not in ("faithful", "robust"):
+            raise ValueError(f"mode must be 'faithful' or 'robust', got {self.mode!r}")
+
+    def inner_solver(self, tol: float) -> LBFGS | ScipyLBFGSB:
+        """The solver of one candidate's inner problem, to the absolute tolerance ``tol``."""
+        if self.mode == "faithful":
+            return ScipyLBFGSB(
+                max_iter=self.solver.max_iter,
+                tol=tol,
+                memory=self.solver.memory,
+                max_ls=self.solver.max_ls,
+            )
+        return replace(self.solver, tol=tol, rel_tol=0.0)
 
     @property
     def max_iter(self) -> int:
@@ -94,7 +117,10 @@ class RandomSearch(_Search):
     kind = "random"
 
     def candidates(self, seed: int) -> list[float]:
-        """``n_points`` uniform draws from a generator seeded by ``seed``."""
+        """``n_points`` uniform draws seeded by ``seed`` (see the module docstring)."""
+        if self.mode == "faithful":
+            draws = np.random.RandomState(seed).uniform(self.low, self.high, self.n_points)
+            return [float(v) for v in draws]
         gen = torch.Generator().manual_seed(derived_seed(seed, 7919))
         draws = torch.rand(self.n_points, generator=gen, dtype=torch.float64)
         return (self.low + (self.high - self.low) * draws).tolist()
@@ -176,7 +202,7 @@ class SearchStepper:
         _, grad = inner.value_and_grad(start, lam)
         tol = self.cfg.rel_tol * float(torch.linalg.vector_norm(grad))
         t0 = time.perf_counter()
-        res = replace(self.cfg.solver, tol=tol, rel_tol=0.0)(inner.objective(lam), start)
+        res = self.cfg.inner_solver(tol)(inner.objective(lam), start)
         dt = time.perf_counter() - t0
         self.w = res.value
         loss = float(self.problem.outer.loss(self.w))

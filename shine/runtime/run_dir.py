@@ -5,11 +5,20 @@ Layout of a run directory::
     config.yaml            resolved configuration (text given by the caller)
     metrics.jsonl          one JSON object per logged record: {"step", "wall_time", ...}
     checkpoints/last.pt    last checkpoint, written atomically, loaded with weights_only=True
-    summary.json           final metrics + provenance; its presence marks the run as complete
+    checkpoints/prev.pt    the checkpoint before it (kept in case the last one is damaged)
+    summary.json           final metrics + provenance; its presence marks the run as ended
+                           (``status``: ``complete`` or ``diverged``)
+    train.log              the log of every invocation (written by train.py)
+    wandb_id               the wandb run id, so that a resumed run continues the same wandb run
+    .lock, .lock.json      the writer's lock and its holder (see shine.runtime.lock)
 
 A run that is interrupted (killed, pre-empted, requeued) is resumed by starting it again on the
 same directory: :meth:`RunDirectory.start` loads the checkpoint and drops the metric records
-written after the checkpointed step, so the resumed run appends exactly what is missing.
+written after the checkpointed step, so the resumed run appends exactly what is missing. It
+refuses to resume with another configuration (:class:`ConfigMismatchError`, keys in
+:data:`RESULT_NEUTRAL_KEYS` excepted) and names a damaged checkpoint
+(:class:`CorruptCheckpointError`). One process writes a directory at a time
+(:meth:`RunDirectory.acquire`).
 
 In a multi-process (data-parallel) run, rank 0 owns the directory; the other ranks open it with
 ``read_only=True`` (a *follower*): it loads the checkpoint to resume from but never writes (see
@@ -23,18 +32,75 @@ import difflib
 import json
 import logging
 import os
+import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from shine.runtime.lock import RunLock
 from shine.runtime.metrics import JsonlMetrics, make_record, to_jsonable
 from shine.runtime.provenance import environment_info, git_state
 from shine.runtime.wandb_mirror import WandbMirror
 
 logger = logging.getLogger(__name__)
+
+#: configuration keys (dotted) that do not change what a run computes: a run may be resumed or
+#: found complete with other values of these (where it writes, how it logs, how often it
+#: checkpoints, how many CPU threads it uses); any other difference refuses the resume
+RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
+    "hydra",
+    "paths",
+    "logger",
+    "overwrite",
+    "tags",
+    "sweep_name",
+    "trainer.num_threads",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.stop_after",
+    "trainer.num_workers",
+    "task.trainer.log_every",
+    "task.trainer.checkpoint_every",
+    "task.trainer.stop_after",
+    "task.trainer.num_threads",
+)
+
+
+class ConfigMismatchError(RuntimeError):
+    """The configuration differs from the one the run directory was started with."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file cannot be loaded."""
+
+
+def _drop_keys(config: Any, keys: Sequence[str]) -> Any:
+    """A copy of the nested mapping ``config`` without the dotted ``keys``."""
+    if not isinstance(config, Mapping):
+        return config
+    out = {}
+    for name, value in config.items():
+        nested = [k.split(".", 1)[1] for k in keys if "." in k and k.split(".", 1)[0] == name]
+        if name in keys:
+            continue
+        out[name] = _drop_keys(value, nested) if nested else value
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The lines that differ between two configurations, result-neutral keys left out.
+
+    Returns:
+        ``["- key: old", "+ key: new", ...]`` (empty when they compute the same thing).
+    """
+    a = yaml.safe_dump(_drop_keys(old, RESULT_NEUTRAL_KEYS), sort_keys=True).splitlines()
+    b = yaml.safe_dump(_drop_keys(new, RESULT_NEUTRAL_KEYS), sort_keys=True).splitlines()
+    diff = difflib.unified_diff(a, b, "stored", "now", lineterm="", n=1)
+    return [line for line in diff if line[:3] not in ("+++", "---")]
 
 
 def _now_iso() -> str:
@@ -83,6 +149,8 @@ class RunDirectory:
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
     CHECKPOINT = "checkpoints/last.pt"
+    PREVIOUS_CHECKPOINT = "checkpoints/prev.pt"
+    WANDB_ID = "wandb_id"
 
     def __init__(
         self,
@@ -102,6 +170,14 @@ class RunDirectory:
         self._started_at: str | None = None
         self._n_starts = 0
         self._overrides: list[str] = []
+        self._lock = RunLock(self.path)
+        #: set by a signal handler (train.py): the trainer checkpoints and stops at the next step
+        self.stop_requested = False
+        self.stop_reason = ""
+        #: the step after which a stop request interrupted the run (set by the trainer)
+        self.interrupted_at: int | None = None
+        #: combines the stop flags of the processes of a data-parallel run (``flag -> any``)
+        self.stop_sync: Callable[[bool], bool] | None = None
 
     # ------------------------------------------------------------------ paths and status
     @property
@@ -119,9 +195,71 @@ class RunDirectory:
         """``<run>/checkpoints/last.pt``."""
         return self.path / self.CHECKPOINT
 
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        """``<run>/checkpoints/prev.pt``."""
+        return self.path / self.PREVIOUS_CHECKPOINT
+
     def is_complete(self) -> bool:
-        """Whether the run finished (``summary.json`` exists)."""
+        """Whether the run ended (``summary.json`` exists: completed or diverged)."""
         return self.summary_path.is_file()
+
+    def status(self) -> str | None:
+        """``"complete"``, ``"diverged"`` (from ``summary.json``), or ``None`` if not ended."""
+        if not self.is_complete():
+            return None
+        return str(self.read_summary().get("status", "complete"))
+
+    # ------------------------------------------------------------------ one writer
+    def acquire(self) -> None:
+        """Take the writer's lock (no-op when read-only); see :class:`shine.runtime.lock.RunLock`.
+
+        Raises:
+            shine.runtime.lock.RunLockedError: another live process writes this directory.
+        """
+        if not self.read_only:
+            self._lock.acquire()
+
+    def release(self) -> None:
+        """Release the writer's lock (no-op if not held)."""
+        self._lock.release()
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the running task to checkpoint and stop after its current step."""
+        self.stop_requested = True
+        self.stop_reason = reason
+
+    def should_stop(self) -> bool:
+        """Whether to stop after the current step (a stop was requested).
+
+        In a data-parallel run, on any rank: :attr:`stop_sync` combines the ranks' flags, and
+        every rank must call it at the same step.
+        """
+        if self.stop_sync is not None:
+            return self.stop_sync(self.stop_requested)
+        return self.stop_requested
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Compare ``config`` with the stored ``config.yaml`` (result-neutral keys excepted).
+
+        Raises:
+            ConfigMismatchError: with the differing lines, if they differ.
+        """
+        if not self.config_path.is_file():
+            return
+        stored = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        diff = config_diff(stored, config)
+        if diff:
+            overrides = stored_overrides(self.path)
+            command = "python train.py " + " ".join(overrides) if overrides else None
+            raise ConfigMismatchError(
+                f"{self.path} was started with another configuration:\n"
+                + "\n".join(f"    {line}" for line in diff[:40])
+                + "\nTo continue it, run its original command"
+                + (f" ({command})" if command else " (see its config.yaml)")
+                + "; to start it anew with this configuration, pass overwrite=true (the old "
+                "directory is kept as a backup)."
+            )
 
     def has_results(self) -> bool:
         """Whether anything of a previous run (config, metrics, checkpoint, summary) is present."""
@@ -152,8 +290,12 @@ class RunDirectory:
         while backup.exists():
             k += 1
             backup = self.path.with_name(f"{stem}-{k}")
+        held = self._lock.held
+        self._lock.release()  # the lock file moves with the directory: take a new one
         os.replace(self.path, backup)
         self.path.mkdir(parents=True)
+        if held:
+            self._lock.acquire()
         logger.warning("moved the previous run %s aside to %s", self.path, backup)
         return backup
 
@@ -190,11 +332,13 @@ class RunDirectory:
         if self.read_only:
             return self._start_follower(overrides)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._warn_on_config_change(config_yaml)
+        payload = self._load_payload()
+        if payload is not None:
+            self.check_config(config if config is not None else yaml.safe_load(config_yaml))
         _atomic_write_text(self.config_path, config_yaml)
+        _atomic_write_text(self.path / "overrides.yaml", yaml.safe_dump(list(overrides)))
         self._overrides = list(overrides)
         self._t0 = time.perf_counter()
-        payload = self._load_payload()
         if payload is None:
             self.metrics.truncate_after(None)
             self._started_at = _now_iso()
@@ -208,8 +352,14 @@ class RunDirectory:
             self._n_starts = int(payload["n_starts"]) + 1
             state = payload["state"]
             logger.info("resuming %s after step %d", self.path, payload["step"])
-        if self.mirror is not None:
-            self.mirror.start(self.path, config)
+        if self.mirror is not None and self.mirror.enabled:
+            id_path = self.path / self.WANDB_ID
+            if payload is not None and id_path.is_file():
+                run_id = id_path.read_text(encoding="utf-8").strip()
+            else:
+                run_id = secrets.token_hex(8)
+                _atomic_write_text(id_path, run_id + "\n")
+            self.mirror.start(self.path, config, run_id=run_id)
         return state
 
     def _start_follower(self, overrides: Sequence[str]) -> dict[str, Any] | None:
@@ -246,6 +396,7 @@ class RunDirectory:
         record = self.metrics.append(step, metrics)
         if self.mirror is not None:
             self.mirror.log(record)
+        self._lock.heartbeat()
         return record
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -295,14 +446,49 @@ class RunDirectory:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if path.is_file():  # keep the previous good checkpoint
+            os.replace(path, self.previous_checkpoint_path)
         os.replace(tmp, path)
+        self._lock.heartbeat()
         return path
 
-    def _load_payload(self) -> dict[str, Any] | None:
-        if not self.checkpoint_path.is_file():
-            return None
+    @staticmethod
+    def _read_checkpoint(path: Path) -> dict[str, Any]:
         # weights_only: a checkpoint is data, never code to execute
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _load_payload(self) -> dict[str, Any] | None:
+        """The last checkpoint's payload (``None`` without one).
+
+        Raises:
+            CorruptCheckpointError: if ``last.pt`` cannot be read; the message names it, the
+                state of ``prev.pt`` and the two ways out.
+        """
+        last, prev = self.checkpoint_path, self.previous_checkpoint_path
+        if not last.is_file():
+            if prev.is_file():  # killed between the two renames of save_checkpoint
+                logger.warning("%s missing: resuming from %s", last, prev)
+                return self._read_checkpoint(prev)
+            return None
+        try:
+            return self._read_checkpoint(last)
+        except Exception as err:  # noqa: BLE001 - any failure to read it is a damaged file
+            hint = f"it has no predecessor ({prev} missing)"
+            if prev.is_file():
+                try:
+                    step = int(self._read_checkpoint(prev)["step"])
+                    hint = (
+                        f"the previous checkpoint {prev} (step {step}) is intact: move the "
+                        f"damaged one away (mv {last} {last}.damaged) and run the same command "
+                        "to resume from it"
+                    )
+                except Exception:  # noqa: BLE001
+                    hint = f"the previous checkpoint {prev} is damaged too"
+            raise CorruptCheckpointError(
+                f"checkpoint {last} cannot be read ({type(err).__name__}: {err}); {hint}; or "
+                "pass overwrite=true to start the run anew (the old directory is kept as a "
+                "backup)."
+            ) from err
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """Return the task state of the last checkpoint, or ``None`` if there is none.
@@ -320,15 +506,23 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ end of run
     def finish(
-        self, metrics: Mapping[str, Any], *, source_dir: str | os.PathLike[str] | None = None
+        self,
+        metrics: Mapping[str, Any],
+        *,
+        source_dir: str | os.PathLike[str] | None = None,
+        status: str = "complete",
+        details: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``summary.json`` (which marks the run complete) and close the mirror.
+        """Write ``summary.json`` (which marks the run as ended) and close the mirror.
 
         Read-only: writes nothing and returns the summary.
 
         Args:
             metrics: the final metrics of the run.
             source_dir: a directory of the code's git checkout, for the revision (default: cwd).
+            status: ``"complete"``, or ``"diverged"`` for a run stopped by non-finite values.
+            details: what the status needs (for ``diverged``: step, cause, last finite values),
+                stored under ``status_details``.
 
         Returns:
             The summary as written: every final metric as a top-level key (e.g.
@@ -342,7 +536,8 @@ class RunDirectory:
         """
         final = to_jsonable(dict(metrics))
         info = {
-            "status": "complete",
+            "status": status,
+            "status_details": to_jsonable(dict(details or {})),
             "metric_keys": sorted(final),
             "wall_time_s": self.elapsed(),
             "n_starts": self._n_starts,
@@ -377,16 +572,12 @@ class RunDirectory:
         """The final metrics of a parsed summary (without the provenance fields)."""
         return {k: summary[k] for k in summary["metric_keys"]}
 
-    def _warn_on_config_change(self, config_yaml: str) -> None:
-        if not self.config_path.is_file() or not self.checkpoint_path.is_file():
-            return
-        old = self.config_path.read_text(encoding="utf-8")
-        if old == config_yaml:
-            return
-        diff = difflib.unified_diff(
-            old.splitlines(), config_yaml.splitlines(), "previous", "now", lineterm="", n=0
-        )
-        lines = [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
-        logger.warning(
-            "resuming %s with a different configuration:\n%s", self.path, "\n".join(lines[:40])
-        )
+
+def stored_overrides(path: str | os.PathLike[str]) -> list[str]:
+    """The command-line overrides a run directory was started with (``overrides.yaml``)."""
+    file = Path(path) / "overrides.yaml"
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(v) for v in values] if isinstance(values, list) else []

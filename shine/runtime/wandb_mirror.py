@@ -118,13 +118,18 @@ class WandbMirror:
         return self.mode != "disabled"
 
     def start(
-        self, run_dir: str | os.PathLike[str], config: Mapping[str, Any] | None = None
+        self,
+        run_dir: str | os.PathLike[str],
+        config: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
     ) -> None:
         """Open the wandb run (no-op when disabled).
 
         Args:
             run_dir: the run directory; used as wandb's ``dir`` unless one was given.
             config: the resolved run configuration, stored as the wandb run config.
+            run_id: the wandb run id; a resumed run passes the id it started with
+                (``resume="allow"``), so that wandb continues the same run.
 
         Raises:
             RuntimeError: in ``online`` mode when ``WANDB_API_KEY`` is not set.
@@ -149,6 +154,8 @@ class WandbMirror:
             tags=self.tags or None,
             dir=str(directory),
             config=dict(config) if config is not None else None,
+            id=run_id,
+            resume="allow" if run_id is not None else None,
         )
         logger.info("wandb mirror started (%s mode) in %s", self.mode, directory)
 

@@ -183,24 +183,29 @@ def summarize(records: list[dict[str, Any]], method: str = "") -> dict[str, Any]
     evals = [r for r in records if "test_top1" in r]
     deq = [r for r in records if r.get("step", 0) > 0 and not r.get("unrolled", True)]
 
+    def num(value: Any) -> float:
+        """A logged number as a float (NaN for ``null``, the JSON of a non-finite value)."""
+        return float("nan") if value is None else float(value)
+
     def median(key: str, rows: list[dict[str, Any]]) -> float:
-        values = [r[key] for r in rows if key in r]
+        values = [num(r[key]) for r in rows if key in r]
         return float(np.median(values)) if values else float("nan")
 
     steps = [r for r in records if r.get("step", 0) > 0]
     return {
         "method": method,
         "n_steps": len(steps),
-        "final_test_top1": float(evals[-1]["test_top1"]) if evals else float("nan"),
-        "best_test_top1": max((float(r["test_top1"]) for r in evals), default=float("nan")),
-        "final_test_loss": float(evals[-1]["test_loss"]) if evals else float("nan"),
+        "final_test_top1": num(evals[-1]["test_top1"]) if evals else float("nan"),
+        "best_test_top1": max((num(r["test_top1"]) for r in evals), default=float("nan")),
+        "final_test_loss": num(evals[-1]["test_loss"]) if evals else float("nan"),
         "train_time_s": float(records[-1]["time"]),
         "median_forward_ms": 1e3 * median("forward_time", deq),
         "median_backward_ms": 1e3 * median("backward_time", deq),
         "median_backward_total_ms": 1e3 * median("backward_total_time", deq),
         "median_fwd_nstep": median("fwd_nstep", deq),
-        "fallback_frac_mean": float(np.mean([r["bwd_fallback_frac"] for r in deq]))
+        "fallback_frac_mean": float(np.mean([num(r["bwd_fallback_frac"]) for r in deq]))
         if any("bwd_fallback_frac" in r for r in deq)
         else 0.0,
-        "final_train_loss": float(steps[-1]["loss"]) if steps else float("nan"),
+        "final_train_loss": num(steps[-1]["loss"]) if steps else float("nan"),
+        "n_skipped_nonfinite": sum("skipped_nonfinite" in r for r in steps),
     }

@@ -307,6 +307,16 @@ class ClassificationStepper:
             "epoch": self.epoch,
         }
 
+    def skip(self) -> None:
+        """Move past the next batch without an update.
+
+        The trainer's ``on_nonfinite="skip_step"`` calls it after restoring the state from before
+        a non-finite step; the schedule advances as if the step had been taken.
+        """
+        self.step_index += 1
+        self.scheduler.step()
+        self._epoch_iter = None
+
     def state_dict(self) -> dict[str, Any]:
         """Model, optimizer, schedule, step and RNG states (``weights_only`` loadable)."""
         state = {
