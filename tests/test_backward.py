@@ -140,11 +140,19 @@ def test_fallback_unbatched():
         stats=SolverStats(0, 0, rhs[None], rhs.norm(), torch.tensor(True), torch.tensor(0)),
         inverse=ScaledIdentity(3.0),
     )
-    out = Fallback(fallback=JacobianFree(scale=-1.0), ratio=1.3)(lambda u: u, rhs, fwd)
-    assert out.stats.fallback_mask.shape == () and bool(out.stats.fallback_mask)
-    torch.testing.assert_close(out.value, -rhs)
     # the Jacobian-Free scale is inferred from the forward estimate's initial matrix
     torch.testing.assert_close(JacobianFree()(lambda u: u, rhs, fwd).value, 3.0 * rhs)
+    # SHINE's answer here is the Jacobian-Free one (H = H0 = 3 I): no reason to fall back
+    out = Fallback(fallback=JacobianFree(scale=-1.0), ratio=1.3)(lambda u: u, rhs, fwd)
+    assert out.stats.fallback_mask.shape == () and not bool(out.stats.fallback_mask)
+    torch.testing.assert_close(out.value, 3.0 * rhs)
+    # the test is against ‖u_JF‖ = 3 ‖rhs‖ (the paper's), not ‖rhs‖: 2 ‖rhs‖ is kept, 5 is not
+    for factor, falls_back in ((2.0, False), (5.0, True)):
+        primary = Scaled((factor,))
+        out = Fallback(primary=primary, fallback=JacobianFree(scale=-1.0), ratio=1.3)(
+            lambda u: u, rhs[None], fwd
+        )
+        assert out.stats.fallback_mask.tolist() == [falls_back]
 
 
 def test_diagnose_reports_agreement(setup):

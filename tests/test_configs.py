@@ -225,3 +225,19 @@ def test_bilevel_sweeps_accept_method_overrides():
     # so that method.* keys exist for the command line
     cfg = compose_train(["+sweep=fig1", "method.mode=robust", "method.inner_memory=shift"])
     assert (cfg.method.mode, cfg.method.inner_memory) == ("robust", "shift")
+
+
+def test_solver_config_comment_says_what_inverse_at_does():
+    # select_estimate: "lowest" is H_k at the returned iterate z_k, "before_lowest" H_{k-1}
+    from shine.solvers.broyden import select_estimate
+
+    assert '"lowest"``: ``H_k`` at the returned' in select_estimate.__doc__
+    line = next(
+        line
+        for line in (CONFIGS / "solver" / "broyden.yaml").read_text().splitlines()
+        if line.startswith("inverse_at:")
+    )
+    value, comment = line.split("#", 1)
+    assert value.split(":")[1].strip() == "lowest"
+    assert comment.strip().startswith("H_k at the returned")
+    assert "before_lowest: H_{k-1}" in comment

@@ -664,7 +664,8 @@ def test_train_py_deq_artefacts_end_to_end(tmp_path):
     train("-m", "+sweep=fig3_digits_refine", "seed=0", "n_backward=1", *quick)
     train("-m", "+sweep=fig3_digits", "seed=0", "+experiment=digits_shine", *quick)
     train("+experiment=digits_timing", "task.n_batches=2", "task.warmup=0")
-    (shine_run,) = (runs / "sweeps" / "fig3_digits" / "digits_shine").glob("seed=0*")
+    # runs/sweeps/fig3_digits/digits_shine/<overrides>/seed=0
+    (shine_run,) = (runs / "sweeps" / "fig3_digits" / "digits_shine").rglob("seed=0")
     train(
         "+experiment=digits_contractivity",
         "task.method_name=shine",

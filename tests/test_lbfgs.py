@@ -375,7 +375,8 @@ def test_iterates_follow_reference_lbfgs_with_opa(D, memory, opa_every, scale_ga
         nonlocal pairs, kinds, gamma
         if s @ y > 0:
             pairs, kinds = (pairs + [(s, y)])[-memory:], (kinds + [kind])[-memory:]
-            gamma = float(s @ y / (y @ y)) if scale_gamma else 1.0
+            if scale_gamma and kind == "regular":  # an OPA pair keeps H0 (Theorem 3)
+                gamma = float(s @ y / (y @ y))
 
     z, g = calls[0]
     i, last_step = 1, t0

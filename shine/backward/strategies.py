@@ -237,8 +237,10 @@ class Refine:
 class Fallback:
     """Per sample, replace ``primary``'s answer by ``fallback``'s when its norm is suspicious.
 
-    A sample falls back when ``‖u_primary‖ > ratio·‖rhs‖`` or ``u_primary`` is not finite.
-    ``‖rhs‖`` is the norm of the Jacobian-Free answer of a DEQ (``H0 = -I``), as in the paper.
+    A sample falls back when ``‖u_primary‖ > ratio·‖u_JF‖`` or ``u_primary`` is not finite,
+    with ``u_JF = h0·rhs`` the Jacobian-Free answer (``h0`` the scale of the forward solver's
+    initial matrix ``H0 = h0·I``; ``-1`` for a DEQ): the paper's test, which compares the SHINE
+    direction with the Jacobian-Free one, whatever ``h0``.
 
     Args:
         primary: the strategy used by default (``Shine()``).
@@ -258,7 +260,8 @@ class Fallback:
         first = self.primary(vjp, rhs, fwd, u0=u0)
         ub, unbatched = as_batch(first.value)
         rb, _ = as_batch(rhs)
-        mask = ~(batch_norm(ub) <= self.ratio * batch_norm(rb))  # NaN norms fall back too
+        jf_norm = abs(initial_scale(fwd)) * batch_norm(rb)  # ‖u_JF‖ = |h0|·‖rhs‖
+        mask = ~(batch_norm(ub) <= self.ratio * jf_norm)  # NaN norms fall back too
         stats = AdjointStats(n_vjps=first.stats.n_vjps, nstep=first.stats.nstep)
         value = first.value
         if bool(mask.any()):

@@ -72,6 +72,11 @@ class AdjointBroyden:
             authors' code.
         memory_policy: policy once the memory is full (see ``LowRankMemory``).
         inverse_at: which estimate the result carries (see ``select_estimate``).
+        noise_floor: a regular update along ``σ = g(z_{n+1})`` is skipped for the samples where
+            ``‖σ‖ <= noise_floor·ε·(‖f(z_{n+1})‖ + ‖z_{n+1}‖)`` (``f = g + z``, ``ε`` the dtype's
+            machine epsilon): such a residual is rounding noise, and the update, normalised by
+            ``bᵀσ``, would be a full rank-one change of ``H`` along it, undoing what OPA
+            gained (as L-BFGS skips pairs of non-positive curvature). ``0`` updates always.
 
     Call ``AdjointBroyden(...)(g, z0, outer_grad=None)``: ``g`` must be differentiable with
     autograd (every evaluation keeps its graph until the VJP of the step is taken, which is the
@@ -89,6 +94,7 @@ class AdjointBroyden:
     opa_direction: Literal["paper", "official"] = "paper"
     memory_policy: MemoryPolicy = "fifo"
     inverse_at: InverseAt = "lowest"
+    noise_floor: float = 10.0
 
     def __call__(
         self,
@@ -120,7 +126,7 @@ class AdjointBroyden:
 
         leaf, g_graph = evaluate(z)
         gz = g_graph.detach()
-        n_evals, n_vjps, n_opa, n_rejected, nstep = 1, 0, 0, 0, 0
+        n_evals, n_vjps, n_opa, n_rejected, nstep, n_noise = 1, 0, 0, 0, 0, 0
         tracker = BestIterateTracker(z, gz, tol=self.tol, rel_tol=self.rel_tol)
         mem = LowRankMemory(z.shape[0], z.shape[1], self.memory, self.h0, self.memory_policy, z)
         Hg = self.h0 * gz
@@ -159,12 +165,17 @@ class AdjointBroyden:
                 mem.reset_samples(bad)
                 z_new = torch.where(bad[:, None], z, z_new)
                 g_new = torch.where(bad[:, None], gz, g_new)
-            sigma = torch.where((active & ~bad)[:, None], g_new, torch.zeros_like(g_new))
+            # residuals at rounding level carry no information about J: no update along them
+            scale = batch_norm(g_new + z_new) + batch_norm(z_new)
+            noise = batch_norm(g_new) <= self.noise_floor * torch.finfo(z.dtype).eps * scale
+            n_noise += int((active & ~bad & noise).sum())
+            update = active & ~bad & ~noise
+            sigma = torch.where(update[:, None], g_new, torch.zeros_like(g_new))
             jts = vjp(sigma, retain=keep_graph)
             n_vjps += 1
             mem.make_room()
             H = mem.estimate()
-            u, v, done = adjoint_update(H, sigma, jts, active & ~bad)
+            u, v, done = adjoint_update(H, sigma, jts, update)
             if mem.frozen:
                 Hg = H.matvec(g_new)
             elif mem.push(u, v, step=n + 1, mask=done):
@@ -180,6 +191,7 @@ class AdjointBroyden:
                 "vjps": float(n_vjps),
                 "opa_updates": float(n_opa),
                 "rejected_steps": float(n_rejected),
+                "noise_skipped_updates": float(n_noise),
             }
         )
         value = tracker.best_z.squeeze(0) if unbatched else tracker.best_z

@@ -472,7 +472,8 @@ class _Workspace:
                 shape ``(2k + 2,)``: ``s_iᵀy, y_iᵀy`` for the stored pairs then ``sᵀy, yᵀy``.
             sy: ``sᵀy`` of the new pair (non-zero), as a float.
             yy: ``yᵀy`` of the new pair, as a float.
-            scale_gamma: whether to reset ``γ = sᵀy / yᵀy``.
+            scale_gamma: whether to reset ``γ = sᵀy / yᵀy`` (regular pairs only: an OPA pair
+                never changes ``H0``, see :class:`LBFGS` ``scale_gamma``).
 
         Returns:
             The number of evicted pairs (0 or 1).
@@ -494,7 +495,7 @@ class _Workspace:
         self.k = k + 1
         self.n_committed += 1
         self.kinds.append(kind)
-        if scale_gamma:
+        if scale_gamma and kind == "regular":
             self.gamma = sy / yy
         self._refresh_views()
         return evicted
@@ -610,8 +611,10 @@ class LBFGS:
         c1: sufficient-decrease constant of the line search.
         c2: curvature constant of the line search.
         max_ls: maximum evaluations per line search.
-        scale_gamma: use ``γ = sᵀy/yᵀy`` of the newest stored pair (else ``γ = 1``, the paper's
-            ``B0 = I``).
+        scale_gamma: use ``γ = sᵀy/yᵀy`` of the newest stored *regular* pair (else ``γ = 1``,
+            the paper's ``B0 = I``). OPA pairs never reset ``γ``: between two regular steps the
+            initial matrix ``H0 = γ I`` stays fixed while OPA pairs are added, as Theorem 3
+            assumes (``H_n v → ∇²r^{-1} v`` for a fixed ``H0``).
         curvature_check: skip pairs with non-positive curvature (see above).
         opa_every: OPA frequency ``M`` (``None``: no OPA).
         opa_t0: ``t_0`` of the OPA direction.
