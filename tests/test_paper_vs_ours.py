@@ -127,8 +127,9 @@ def test_numbers_come_from_the_paper_and_the_committed_tables(generated):
         )
     theirs = {r["method"]: r for r in _rows(EXPERIMENTS / "authors_code" / "fig1" / "summary.csv")}
     quantity = "median final held-out loss"
-    assert _value(rows, "fig1", "hoag", quantity, "authors' code") == (
-        theirs["hoag"]["median_final_test_loss"]
+    assert (
+        _value(rows, "fig1", "hoag", quantity, "authors' code")
+        == (theirs["hoag"]["median_final_test_loss"])
     )
     e3 = {r["method"]: r for r in _rows(EXPERIMENTS / "fig_e3" / "summary.csv")}
     opa = "shine_adjoint_broyden_opa"
