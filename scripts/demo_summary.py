@@ -52,7 +52,7 @@ def bilevel_table(summary_csv: Path) -> dict[tuple[str, str], dict[str, float]]:
 
 def bilevel_memory(root: Path) -> str | None:
     """The L-BFGS memory policy across outer steps of the demo's SHINE runs (their configs)."""
-    for path in sorted((root / "sweeps" / "demo_bilevel").glob("*/config.yaml")):
+    for path in sorted((root / "sweeps" / "demo_bilevel").rglob("config.yaml")):
         method = (yaml.safe_load(path.read_text()) or {}).get("method") or {}
         if method.get("name") == "shine":
             return str(method.get("inner_memory"))

@@ -54,7 +54,7 @@ FAMILY_COLORS = {
 }
 
 # ----------------------------------------------------------------------- paper reference numbers
-#: Fig. 3 (official cifar/imagenet_aggreg_results.csv, official-code notes §3): (family, n) ->
+#: Fig. 3 (official cifar/imagenet_aggreg_results.csv, zaccharieramzi/shine): (family, n) ->
 #: (top-1 %, median backward ms). CIFAR: mean of 5 seeds; ImageNet: 1 seed.
 PAPER_FIG3: dict[str, dict[tuple[str, str], tuple[float, float]]] = {
     "cifar": {

@@ -4,15 +4,14 @@
         [--out figures] [--summary PATH] [--eps EPS] [--xmax SECONDS] [--datasets NAME ...]
 
 Reads the tidy table written by ``python scripts/collect.py ARTEFACT`` and applies the authors'
-plotting protocol (official-code notes §2.6): one panel per (dataset, loss) of the table; per
-seed, the suboptimality ``test_loss - best + eps`` where ``best`` is the lowest held-out loss of
-that seed over *all* methods of the table and all steps; per method, mode and step index, the
-median over seeds (line) and a quantile band (10/90 % for fig1/fig_e1, 25/75 % for
-fig2_left/fig_e2) against the median over seeds of the cumulative ``time`` at that step;
-log-scale y. Runs of ``method.mode=faithful`` (the authors' code) are drawn solid, those of
-``robust`` (ours) dashed with hollow markers; every method and mode of the table is in the
-legend. A second row shows the ``log λ`` trajectory of the first seed of each curve against
-time.
+plotting protocol (their ``main_plots.py``, zaccharieramzi/hoag branch ``shine``): one panel per
+(dataset, loss) of the table; per seed, the suboptimality ``test_loss - best + eps`` where ``best``
+is the lowest held-out loss of that seed over *all* methods of the table and all steps; per method,
+mode and step index, the median over seeds (line) and a quantile band (10/90 % for fig1/fig_e1,
+25/75 % for fig2_left/fig_e2) against the median over seeds of the cumulative ``time`` at that
+step; log-scale y. Runs of ``method.mode=faithful`` (the authors' code) are drawn solid, those of
+``robust`` (ours) dashed with hollow markers; every method and mode of the table is in the legend.
+A second row shows the ``log λ`` trajectory of the first seed of each curve against time.
 
 ``eps`` (the paper's additive offset: 10 for Fig. 1/E.1 on losses ~1e2) defaults to
 ``1e-2 x`` the median over seeds of ``best`` in each panel; ``--eps`` sets one absolute value.

@@ -216,7 +216,7 @@ def test_synthetic_news_shapes_norms_labels_determinism():
 
 
 def test_synthetic_news_recipe_reproduces_the_notes_numbers():
-    # bilevel-anchors §5.2: default preset, seed-0 split 7200/400/400 with 358 270 train nnz
+    # SyntheticNews' default preset, seed-0 split 7200/400/400 with 358 270 train nnz
     split = SyntheticNews().split(0)
     assert split.sizes == (7200, 400, 400)
     assert split.n_features == 5000

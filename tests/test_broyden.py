@@ -106,13 +106,62 @@ def test_unbatched_input_and_line_search():
         assert res.inverse.matvec(torch.ones(8, dtype=DT)).shape == (8,)
 
 
+def _columns(inverse):
+    """The rank-one terms ``(u_j, v_j)`` of sample 0 of a low-rank estimate, as a list."""
+    return [(inverse.U[0, j], inverse.V[0, j]) for j in range(inverse.U.shape[1])]
+
+
+def _index_of(term, terms):
+    """Position of ``term`` among ``terms`` (same u and v to rounding), or None."""
+    for i, (u, v) in enumerate(terms):
+        if torch.allclose(term[0], u, rtol=1e-10, atol=1e-13) and torch.allclose(
+            term[1], v, rtol=1e-10, atol=1e-13
+        ):
+            return i
+    return None
+
+
+def test_line_search_backtracks_an_overshooting_step():
+    # g(z) = -3 (z - z*): from H0 = -I the full step z + g(z) overshoots to -2 e0 (residual x2);
+    # the search halves it: z + g/2 = z* - e0/2, residual halved (accepted at α = 1/2)
+    z_star = torch.tensor([[1.0, -2.0, 0.5]], dtype=DT)
+    z0 = torch.zeros_like(z_star)
+    calls = []
+
+    def g(z):
+        calls.append(z.clone())
+        return -3.0 * (z - z_star)
+
+    res = Broyden(max_iter=1, tol=0.0, line_search=True)(g, z0)
+    e0 = z0 - z_star
+    torch.testing.assert_close(calls[1], z_star - 2 * e0)  # the full step, rejected
+    torch.testing.assert_close(calls[2], z_star - 0.5 * e0)  # half of it, accepted
+    assert res.stats.n_evals == 3
+    torch.testing.assert_close(res.value, z_star - 0.5 * e0)
+    calls.clear()
+    plain = Broyden(max_iter=1, tol=0.0, line_search=False)(g, z0)
+    assert plain.stats.n_evals == 2 and len(calls) == 2
+    torch.testing.assert_close(calls[1], z_star - 2 * e0)  # no backtracking
+    torch.testing.assert_close(plain.value, z0)  # its step made things worse: z0 is the lowest
+
+
 @pytest.mark.parametrize("policy", ["fifo", "restart", "freeze"])
-def test_memory_cap_policies(policy):
-    prob = make_problem(dim=12, batch=2, contraction=0.8)
-    res = Broyden(max_iter=100, tol=1e-10, memory=4, memory_policy=policy)(
-        prob.g, torch.zeros_like(prob.x)
-    )
-    assert res.inverse.U.shape[1] <= 4
+def test_memory_cap_policies_keep_the_columns_they_promise(policy):
+    # five updates with room for four. Unlimited memory: terms t1..t5. fifo overwrites the
+    # oldest: t2..t5 (t5 is computed before the eviction, as without a cap); freeze keeps
+    # t1..t4 and ignores t5; restart discards t1..t4 and computes its fifth term from H0 (a term
+    # of no unlimited run)
+    prob = make_problem(dim=12, batch=1, contraction=0.8)
+    z0 = torch.zeros_like(prob.x)
+    solve = dict(max_iter=5, tol=0.0, inverse_at="last")
+    unlimited = _columns(Broyden(memory=10, **solve)(prob.g, z0).inverse)
+    assert len(unlimited) == 5
+    capped = Broyden(memory=4, memory_policy=policy, **solve)(prob.g, z0)
+    kept = sorted(_index_of(t, unlimited) for t in _columns(capped.inverse))
+    expected = {"fifo": [1, 2, 3, 4], "freeze": [0, 1, 2, 3], "restart": [None]}[policy]
+    assert kept == expected, kept
+    # and each still converges
+    res = Broyden(max_iter=100, tol=1e-10, memory=4, memory_policy=policy)(prob.g, z0)
     assert bool(res.stats.converged.all())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from deq_problems import DT, TanhMap
@@ -66,24 +68,29 @@ def test_ift_matches_exact_and_unrolled(problem):
 @pytest.mark.parametrize(
     "strategy, bound",
     [
-        (Shine(), 0.35),
-        (JacobianFree(), 0.6),
-        (Refine(init=Shine(), n_steps=5), 1e-4),
-        (Refine(init=JacobianFree(), n_steps=5, reuse_forward_estimate=False), 1e-2),
-        (Refine(init=Shine(), n_steps=60, tol=1e-13), 1e-9),
-        (Fallback(primary=Shine(), fallback=JacobianFree(), ratio=1.3), 0.35),
-        (IFT(max_iter=3), 0.2),
+        # bounds ~1.3-3x the measured relative errors (SHINE 0.078, JF 0.16, refine from SHINE
+        # 4e-10, from JF 4e-6, long refine 4e-14, fallback = SHINE here, IFT(3) 4e-3)
+        (Shine(), 0.1),
+        (JacobianFree(), 0.2),
+        (Refine(init=Shine(), n_steps=5), 1e-9),
+        (Refine(init=JacobianFree(), n_steps=5, reuse_forward_estimate=False), 1e-5),
+        (Refine(init=Shine(), n_steps=60, tol=1e-13), 1e-12),
+        (Fallback(primary=Shine(), fallback=JacobianFree(), ratio=1.3), 0.1),
+        (IFT(max_iter=3), 1e-2),
     ],
 )
 def test_approximate_strategies_are_close_to_exact(problem, strategy, bound):
     f, x = problem
     layer = DEQLayer(f, Broyden(max_iter=60, tol=1e-12, memory=60), strategy)
+    t0 = time.perf_counter()
     gW, gx = layer_grads(layer, x)
+    wall = time.perf_counter() - t0
     eW, ex = exact_implicit_grads(f, x)
     assert rel(gW, eW) < bound and rel(gx, ex) < bound
     # descent: the approximate gradient correlates positively with the exact one
     assert float((gW * eW).sum()) > 0
-    assert layer.last_backward is not None and layer.last_backward_time >= 0
+    # the backward correction is timed, and is part of the call that ran it
+    assert layer.last_backward is not None and 0 < layer.last_backward_time < wall
 
 
 def test_shine_beats_jacobian_free(problem):

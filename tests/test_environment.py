@@ -64,7 +64,7 @@ def test_conda_python_satisfies_requires_python():
 
 
 def test_heavy_packages_are_pinned_exactly():
-    # an unpinned torch drags in several GB of CUDA wheels (shared/notes/environment.md)
+    # an unpinned torch drags in several GB of CUDA wheels (README section 2)
     pins = pyproject_pins()
     for name in ("torch", "torchvision"):
         assert str(pins[name]).startswith("=="), name

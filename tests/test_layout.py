@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,35 @@ def test_ci_runs_exactly_the_readme_test_command():
     ]
     assert commands[0] == "set -euo pipefail" and commands[-1] == "make test"
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+NUMERICS = ("solvers", "backward", "deq", "bilevel", "models")
+HARNESS = ("shine.runtime", "shine.tasks", "shine.training", "shine.data")
+
+
+@pytest.mark.parametrize("package", NUMERICS)
+def test_numerics_do_not_depend_on_the_harness(package):
+    # the solvers, backward strategies, DEQ layer, bi-level problems and models are usable
+    # without run directories, tasks, training loops or data loading
+    for path in sorted((ROOT / "shine" / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module)
+            elif isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+        bad = sorted(m for m in modules if m.startswith(HARNESS))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_citation_and_pre_commit_are_in_step_with_the_project():
+    import yaml
+
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["authors"]
+    assert citation["preferred-citation"]["year"] == 2022
+    hooks = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())["repos"][0]
+    pinned = re.search(r'"ruff==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert hooks["rev"] == "v" + pinned
+    assert {h["id"] for h in hooks["hooks"]} == {"ruff", "ruff-format"}

@@ -116,7 +116,7 @@ def reference_run(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("runs")
     proc = train(log_dir, f"task.n_seeds={N_SEEDS}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return log_dir / "opa_inversion" / "seed=0", proc
+    return log_dir / "opa_inversion" / f"task.n_seeds={N_SEEDS}" / "seed=0", proc
 
 
 @pytest.mark.slow
@@ -129,7 +129,10 @@ def test_end_to_end_metrics_and_summary(reference_run):
     ]
     for r in records:
         for d in DIRECTIONS:
-            assert 0.0 < r[f"{r['variant']}/{d}/ratio"] and -1 <= r[f"{r['variant']}/{d}/cos"] <= 1
+            # L-BFGS at tolerance 1e-6 on a well-conditioned problem: close in every direction
+            # (a sign or scaling error of the estimate or of the exact solve fails this)
+            assert 0.9 < r[f"{r['variant']}/{d}/ratio"] < 1.1
+            assert 0.95 < r[f"{r['variant']}/{d}/cos"] <= 1 + 1e-12
     summary = json.loads((run / "summary.json").read_text())
     metrics = RunDirectory.final_metrics(summary)
     for v in VARIANTS:
@@ -147,7 +150,7 @@ def test_end_to_end_metrics_and_summary(reference_run):
 def test_second_invocation_detects_completion(reference_run):
     run, _ = reference_run
     before = (run / "metrics.jsonl").read_bytes(), (run / "summary.json").read_bytes()
-    proc = train(run.parents[1], f"task.n_seeds={N_SEEDS}")
+    proc = train(run.parents[2], f"task.n_seeds={N_SEEDS}")
     assert proc.returncode == 0, proc.stderr
     assert "already complete" in proc.stdout + proc.stderr
     assert str(run) in proc.stdout + proc.stderr
@@ -159,7 +162,7 @@ def test_interrupted_run_resumes_bit_identically(reference_run, tmp_path):
     reference, _ = reference_run
     proc = train(tmp_path, f"task.n_seeds={N_SEEDS}", "task.stop_after=2")
     assert proc.returncode == 0, proc.stderr
-    run = tmp_path / "opa_inversion" / "seed=0"
+    run = tmp_path / "opa_inversion" / f"task.n_seeds={N_SEEDS}" / "seed=0"  # stop_after: neutral
     assert not (run / "summary.json").exists()
     assert len(metrics_without_time(run)) == 4
     # a kill between writing the records of seed 2 and its checkpoint leaves orphan records
@@ -179,14 +182,17 @@ def test_interrupted_run_resumes_bit_identically(reference_run, tmp_path):
 @pytest.mark.slow
 def test_overwrite_moves_the_finished_run_aside(tmp_path):
     assert train(tmp_path, "task.n_seeds=1").returncode == 0
-    proc = train(tmp_path, "task.n_seeds=2", "overwrite=true")
+    run = tmp_path / "opa_inversion" / "task.n_seeds=1" / "seed=0"
+    first = json.loads((run / "summary.json").read_text())
+    proc = train(tmp_path, "task.n_seeds=1", "overwrite=true")
     assert proc.returncode == 0, proc.stderr
-    backups = list((tmp_path / "opa_inversion").glob("seed=0.bak-*"))
+    backups = list(run.parent.glob("seed=0.bak-*"))
     assert len(backups) == 1
     old = json.loads((backups[0] / "summary.json").read_text())
-    new = json.loads((tmp_path / "opa_inversion" / "seed=0" / "summary.json").read_text())
-    assert (old["n_seeds"], new["n_seeds"]) == (1, 2)
-    assert (tmp_path / "opa_inversion" / "seed=0" / "train.log").stat().st_size > 0
+    new = json.loads((run / "summary.json").read_text())
+    assert old == first and new["start_time"] >= old["end_time"]
+    assert RunDirectory.final_metrics(new) == RunDirectory.final_metrics(old)  # same run again
+    assert (run / "train.log").stat().st_size > 0
 
 
 @pytest.mark.slow

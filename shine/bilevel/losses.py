@@ -232,8 +232,8 @@ class SigmoidSquaredLoss(LinearModelLoss):
         y: labels ``(n,)`` in ``{-1, +1}``.
         targets: ``"zero_one"`` regresses ``σ(xᵀw) ∈ (0, 1)`` on ``t = (1 + y)/2`` (the
             consistent choice); ``"plus_minus_one"`` on ``t = y`` itself, as the authors' code
-            did (official-code notes §2.1; the optimum then pushes every margin to ±∞ for the
-            negative class).
+            did (``hoag/nonlinear_least_squares.py``, branch ``nls`` of their HOAG fork; the
+            optimum then pushes every margin to ±∞ for the negative class).
 
     The Hessian ``Xᵀ diag(σ'² - (t - σ) σ'') X`` with ``σ' = σ(1-σ)``, ``σ'' = σ'(1-2σ)`` may be
     indefinite: HOAG's conjugate gradient and L-BFGS's curvature check must cope with it.

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from shine.bilevel.hoag import BilevelProblem
-from shine.runtime.seeding import derived_seed
+from shine.rng import derived_seed
 from shine.solvers.lbfgs import LBFGS
 from shine.solvers.scipy_lbfgsb import ScipyLBFGSB
 

@@ -8,8 +8,7 @@ what the figures plot. The split is the authors' ``train_test_val_split`` (``hoa
     train, rest = train_test_split(X, y, test_size=1 - train_fraction, random_state=seed)
     first, second = train_test_split(rest, test_size=0.5, random_state=seed)
 
-with ``outer = first`` and ``test = second`` by default (``outer_half="first"``, the recipe of the
-offline comparator runs in the bi-level notes). The authors' script passes the *second* half to
+with ``outer = first`` and ``test = second`` by default (``outer_half="first"``). The authors' script passes the *second* half to
 HOAG and reports the loss on the first (``outer_half="second"`` reproduces that assignment).
 
 Data sets (frozen dataclasses, meant to be built from configs; each has ``load() -> (X, y)`` with
@@ -472,7 +471,7 @@ class BreastCancer(_Splittable):
 class SyntheticNews(_Splittable):
     """A deterministic sparse, 20news-like logistic-regression data set (no download).
 
-    The generator of the bi-level notes (reproduced bit for bit)::
+    The generator (deterministic given ``data_seed``)::
 
         rng = RandomState(data_seed)
         cols = rng.randint(0, d, (n, k)); vals = rng.rand(n, k)

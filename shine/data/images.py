@@ -4,7 +4,7 @@ Data sets (frozen dataclasses, meant to be built from Hydra ``_target_`` configs
 ``name``, ``num_classes``, ``image_shape`` and ``build() -> (train_dataset, test_dataset)``):
 
 * :class:`CIFAR10Data`: torchvision's CIFAR-10 (python pickles, never downloaded here), with the
-  authors' augmentation (official-code notes §1.6).
+  authors' augmentation (the CIFAR-LARGE config of zaccharieramzi/shine).
 * :class:`ImageNetData`: an ImageNet-format folder tree read with ``ImageFolder``; the image size
   is a parameter so that a smaller folder in the same format can be used.
 * :class:`DigitsData`: scikit-learn's 8×8 digits (1 797 images, 10 classes), upsampled; the real

@@ -53,7 +53,7 @@ def load_breast_cancer(
 ) -> TabularData:
     """Wisconsin breast-cancer data (569 × 30, from scikit-learn), preprocessed as the authors did.
 
-    This is the preprocessing of the authors' OPA inversion experiment (official-code notes §2.5).
+    This is the preprocessing of the authors' OPA inversion experiment (``main_plots_opa_df.py`` of zaccharieramzi/hoag, branch ``shine``).
     Steps: ``StandardScaler(with_mean=False)`` fitted on all 569 rows (scaling only, no centring);
     labels ``0 -> -1``, ``1 -> +1``; then, if ``keep_fraction`` is given, keep the "train" part of
     ``train_test_split(test_size=1 - keep_fraction, random_state=random_state)``. The defaults

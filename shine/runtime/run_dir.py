@@ -62,6 +62,7 @@ RESULT_NEUTRAL_KEYS: tuple[str, ...] = (
     "trainer.log_every",
     "trainer.checkpoint_every",
     "trainer.stop_after",
+    "task.stop_after",
     "trainer.num_workers",
     "task.trainer.log_every",
     "task.trainer.checkpoint_every",

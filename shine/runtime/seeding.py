@@ -7,6 +7,10 @@ import random
 import numpy as np
 import torch
 
+from shine.rng import derived_seed
+
+__all__ = ["derived_seed", "seed_everything"]
+
 
 def seed_everything(seed: int) -> None:
     """Seed ``random``, ``numpy`` and ``torch`` (all devices) with ``seed``.
@@ -20,12 +24,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def derived_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys, e.g. ``derived_seed(base_seed, index)``.
-
-    Independent streams for ``(base, 0), (base, 1), ...`` that do not overlap those of
-    ``(base + 1, ...)``, unlike ``base + index``.
-    """
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)

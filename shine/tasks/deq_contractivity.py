@@ -2,12 +2,13 @@
 
 Two measurements per test image, averaged over the test set:
 
-* the authors' **"nonlinear spectral radius"** (``MDEQNet.power_iterations``, official-code notes
-  §4.2), reproduced exactly: ``z_0 ~ N(0, I)`` on every branch, then ``n_iter`` times
-  ``z ← f(z, x)``, ``c = ‖z‖`` (over all branches), ``z ← z / c``; the value is the last ``c``,
-  i.e. ``‖f(z_{n-1}, x)‖`` for a unit-norm ``z_{n-1}``. Because ``f`` contains the injection and
-  ends in a GroupNorm, this is essentially the output norm of ``f`` (≈ √d up to the affine gains),
-  not a Lipschitz constant: it says nothing about contractivity (:func:`nonlinear_power_value`).
+* the authors' **"nonlinear spectral radius"** (``MDEQNet.power_iterations`` in
+  ``mdeq_lib/models/mdeq_core.py`` of zaccharieramzi/shine), reproduced exactly: ``z_0 ~ N(0, I)``
+  on every branch, then ``n_iter`` times ``z ← f(z, x)``, ``c = ‖z‖`` (over all branches),
+  ``z ← z / c``; the value is the last ``c``, i.e. ``‖f(z_{n-1}, x)‖`` for a unit-norm
+  ``z_{n-1}``. Because ``f`` contains the injection and ends in a GroupNorm, this is essentially
+  the output norm of ``f`` (≈ √d up to the affine gains), not a Lipschitz constant: it says
+  nothing about contractivity (:func:`nonlinear_power_value`).
 * the **spectral radius of the Jacobian** ``J_f(z*)`` at the equilibrium ``z*`` of the image, by
   power iteration on Jacobian-vector products (``torch.func.jvp``): ``ρ ≈ (‖J^k v‖)^{1/k}``
   over the last half of the iterations (robust to a complex dominant pair), and the spectral

@@ -1,7 +1,8 @@
 """Quality of the inverse-Jacobian estimates in a DEQ, with and without OPA (paper Fig. E.3).
 
-Protocol (the authors' ``adj_broyden_correl.py``, official-code notes §3), for each of
-``n_batches`` shuffled training batches (the same batches and dropout masks for every method):
+Protocol (the authors' ``mdeq_lib/tests/modules/adj_broyden_correl.py`` in zaccharieramzi/shine),
+for each of ``n_batches`` shuffled training batches (the same batches and dropout masks for every
+method):
 
 1. forward solve from ``z = 0`` with the method's solver: Broyden for ``jacobian_free`` and
    ``shine_broyden`` (one solve shared by both), adjoint Broyden for ``shine_adjoint_broyden``,

@@ -1,8 +1,8 @@
 """Forward / backward time of a DEQ per backward method (paper Table E.2 and the x-axis of Fig. 3).
 
-Protocol (the authors' ``cls_grad_time.py``, official-code notes §4.1, with its timing bug fixed):
-the MDEQ of a training experiment (optionally with the trained weights of a run), in training
-mode (DEQ path, training forward solver), on ``n_batches`` shuffled training batches of
+Protocol (the authors' ``mdeq_lib/debug/cls_grad_time.py`` in zaccharieramzi/shine, with its timing
+bug fixed): the MDEQ of a training experiment (optionally with the trained weights of a run), in
+training mode (DEQ path, training forward solver), on ``n_batches`` shuffled training batches of
 ``batch_size`` (32 in the paper; the same batches and dropout masks for every method):
 
 * **forward** = ``model(x)``: stem, DEQ solve, the differentiable step ``f(z*)`` and the head;

@@ -4,7 +4,8 @@ Question: does the L-BFGS inverse-Hessian estimate ``H`` left by the inner solve
 Hessian better in a *prescribed* direction when the solver makes Outer-Problem-Aware (OPA) extra
 updates along it?
 
-Protocol (authors' procedure, official-code notes §2.7), for each seed ``i``:
+Protocol (the authors' ``evaluate_opa_inversion_quality`` in ``main_plots_opa_df.py``,
+zaccharieramzi/hoag branch ``shine``), for each seed ``i``:
 
 1. draw ``x0 ~ N(0, I)``, the prescribed direction ``v ~ N(0, I)`` and a random direction
    ``r ~ N(0, I)`` (never shown to the solver) from a generator seeded by ``(seed, i)``;

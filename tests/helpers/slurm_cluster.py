@@ -7,7 +7,7 @@ starts ``slurmctld`` and ``slurmd`` in the foreground as children of this proces
 until ``sinfo`` shows the node idle. Whatever prevents that raises ``SlurmUnavailable`` with the
 reason, for the caller to turn into a skip. ``SlurmCluster.stop()`` cancels the jobs and ends
 exactly the daemons it started; nothing survives the test session. Recipe:
-``shared/notes/environment.md`` ("Distributed and cluster parts that run here for real").
+``slurm/README.md``.
 
 Client commands must run with ``SlurmCluster.env`` (``SLURM_CONF`` points at the private
 configuration; the ``SLURM_*``/``SBATCH_*`` variables of an enclosing job are removed).
