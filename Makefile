@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 
 OPA_RUN := $(RUNS)/opa_inversion/seed=0
 
-.PHONY: help venv bench-venv test test-quick demo bench bench-core bench-bilevel bench-deq sweeps-bilevel collect lint format figures clean
+.PHONY: help venv bench-venv test test-gpu test-quick demo bench bench-core bench-bilevel bench-deq sweeps-bilevel collect lint format figures clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +41,12 @@ venv: ## create or update .venv (pip install -e ".[dev]"; no-op when up to date)
 
 test: venv ## run the whole test suite, slow end-to-end tests included (~6-7 min on 2 cores; one OpenMP thread per process)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: venv ## on a CUDA machine: the gpu-marked tests, then bench-deq on the GPU (< 8 min; they skip without a device)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) scripts/bench_deq.py --device cuda; \
+	else echo "no CUDA device: bench-deq on the GPU skipped"; fi
 
 test-quick: venv ## run the tests not marked slow
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
