@@ -274,7 +274,10 @@ def test_curvature_check_skips_nonconvex_pairs():
     assert res.stats.extra["value"] < r0
     torch.testing.assert_close(res.value.abs(), torch.ones(5, dtype=DT), rtol=0, atol=1e-9)
     # without the check, the negative-curvature pairs are stored (and force restarts)
-    loose = LBFGS(tol=1e-10, line_search="none", max_iter=200, curvature_check=False)(fun, z0)
+    # (and no noise floor: the last pairs of this solve are at rounding level)
+    loose = LBFGS(
+        tol=1e-10, line_search="none", max_iter=200, curvature_check=False, noise_floor=0.0
+    )(fun, z0)
     assert loose.stats.extra["n_skipped_pairs"] == 0
     assert loose.stats.extra["n_restarts"] >= 1
     # with the strong-Wolfe search, sᵀy > 0 holds for every accepted step
@@ -484,3 +487,26 @@ def test_theorem3_opa_estimate_converges_in_direction_v():
     assert errs[2] < 1e-4
     assert err_no_opa > 3e-3
     assert errs[2] < 0.05 * err_no_opa
+
+
+def test_pairs_at_rounding_level_do_not_undo_opa():
+    # Theorem 3's problem with tolerances below the reach of float64: gradient differences of
+    # the last steps are rounding noise; keeping them (noise_floor=0) destroys the OPA estimate
+    # (measured 1.6e-2 at 1e-14), skipping them keeps it (4.4e-6)
+    prob, v = logistic(seed=0)
+    fun = prob.objective(1.0)
+    exact = torch.linalg.solve(prob.hessian(newton(prob, 1.0), 1.0), v)
+    z0 = torch.zeros(20, dtype=DT)
+
+    def run(**kw):
+        res = LBFGS(tol=1e-14, memory=300, max_iter=400, opa_every=1, **kw)(
+            fun, z0, opa_direction=v
+        )
+        skipped = res.stats.extra["n_skipped_pairs"] + res.stats.extra["n_opa_skipped"]
+        return float((res.inverse.matvec(v) - exact).norm() / exact.norm()), skipped
+
+    (floored, n_floored), (kept, n_kept) = run(), run(noise_floor=0.0)
+    assert n_floored > 0 and n_kept == 0
+    assert floored < 1e-5 < 1e-3 < kept
+    with pytest.raises(ValueError, match="noise_floor"):
+        LBFGS(noise_floor=-1.0)

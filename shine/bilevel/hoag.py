@@ -259,6 +259,7 @@ AUTHORS_PURE_PYTHON_LBFGS: dict[str, Any] = {
     "min_iter": 1,
     "opa_schedule": "authors",
     "opa_normalize": True,
+    "noise_floor": 0.0,
 }
 
 #: the values of the behaviours that ``mode`` presets (``None`` fields follow it)
