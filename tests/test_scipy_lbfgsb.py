@@ -95,6 +95,18 @@ def rosenbrock(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return value.detach(), grad
 
 
+def recording(fun):
+    """``fun`` wrapped to append the gradient norm of every evaluation to the returned list."""
+    norms: list[float] = []
+
+    def recorded(z):
+        value, grad = fun(z)
+        norms.append(float(torch.linalg.vector_norm(grad)))
+        return value, grad
+
+    return recorded, norms
+
+
 def first_trial_record(norms: list[float], accepted: torch.Tensor) -> int:
     """Index of an evaluation, not an accepted iterate, with a gradient norm below all before."""
     trace = accepted.numpy()
@@ -107,12 +119,7 @@ def first_trial_record(norms: list[float], accepted: torch.Tensor) -> int:
 
 def test_stops_at_the_first_evaluation_that_passes_the_tolerance():
     x0 = torch.randn(6, generator=torch.Generator().manual_seed(17), dtype=DT) * 1.5
-    norms: list[float] = []
-
-    def recorded(z):
-        value, grad = rosenbrock(z)
-        norms.append(float(torch.linalg.vector_norm(grad)))
-        return value, grad
+    recorded, norms = recording(rosenbrock)
 
     full = ScipyLBFGSB(max_iter=60, tol=0.0, memory=5)(recorded, x0)
     assert full.stats.n_evals == len(norms)
@@ -138,12 +145,7 @@ def test_stops_at_the_first_evaluation_that_passes_the_tolerance():
 
 def test_our_lbfgs_can_stop_inside_its_line_search():
     x0 = torch.randn(6, generator=torch.Generator().manual_seed(22), dtype=DT) * 1.5
-    norms: list[float] = []
-
-    def recorded(z):
-        value, grad = rosenbrock(z)
-        norms.append(float(torch.linalg.vector_norm(grad)))
-        return value, grad
+    recorded, norms = recording(rosenbrock)
 
     solver = LBFGS(max_iter=60, tol=0.0, memory=5, scale_gamma=True)
     full = solver(recorded, x0)

@@ -54,6 +54,22 @@ _KINDS = ("regular", "opa")
 OPADirection = Tensor | Callable[[Tensor], Tensor]
 
 
+def check_minimizer_settings(memory: int, max_iter: int, max_ls: int, stop_test: str) -> None:
+    """Validate the settings :class:`LBFGS` and :class:`~shine.solvers.ScipyLBFGSB` share.
+
+    Raises:
+        ValueError: naming the setting and its valid range.
+    """
+    if memory < 1:
+        raise ValueError(f"memory must be >= 1, got {memory}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    if max_ls < 1:
+        raise ValueError(f"max_ls must be >= 1, got {max_ls}")
+    if stop_test not in ("iterates", "every_evaluation"):
+        raise ValueError(f"stop_test must be 'iterates' or 'every_evaluation', got {stop_test!r}")
+
+
 class _ConvergedAtTrial(Exception):  # noqa: N818 - control flow, not an error
     """Raised inside the line search when a trial point passes the stopping test."""
 
@@ -661,18 +677,13 @@ class LBFGS:
         Raises:
             ValueError: on invalid parameters.
         """
-        if self.memory < 1:
-            raise ValueError(f"memory must be >= 1, got {self.memory}")
-        if self.max_iter < 0:
-            raise ValueError(f"max_iter must be >= 0, got {self.max_iter}")
+        check_minimizer_settings(self.memory, self.max_iter, self.max_ls, self.stop_test)
         if self.line_search not in ("strong_wolfe", "none"):
             raise ValueError(
                 f"line_search must be 'strong_wolfe' or 'none', got {self.line_search!r}"
             )
         if not 0.0 < self.c1 < self.c2 < 1.0:
             raise ValueError(f"need 0 < c1 < c2 < 1, got c1={self.c1}, c2={self.c2}")
-        if self.max_ls < 1:
-            raise ValueError(f"max_ls must be >= 1, got {self.max_ls}")
         if self.opa_every is not None and self.opa_every < 1:
             raise ValueError(f"opa_every must be None or >= 1, got {self.opa_every}")
         if not self.opa_t0 > 0.0:
@@ -684,10 +695,6 @@ class LBFGS:
         if self.opa_schedule not in ("paper", "authors"):
             raise ValueError(
                 f"opa_schedule must be 'paper' or 'authors', got {self.opa_schedule!r}"
-            )
-        if self.stop_test not in ("iterates", "every_evaluation"):
-            raise ValueError(
-                f"stop_test must be 'iterates' or 'every_evaluation', got {self.stop_test!r}"
             )
 
     def _opa_due(self, n: int) -> bool:

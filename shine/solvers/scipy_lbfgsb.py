@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from shine.solvers.base import ObjectiveFn, SolverResult, SolverStats
-from shine.solvers.lbfgs import LBFGSMemory
+from shine.solvers.lbfgs import LBFGSMemory, check_minimizer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +75,7 @@ class ScipyLBFGSB:
         Raises:
             ValueError: on invalid parameters.
         """
-        if self.memory < 1:
-            raise ValueError(f"memory must be >= 1, got {self.memory}")
-        if self.max_iter < 0:
-            raise ValueError(f"max_iter must be >= 0, got {self.max_iter}")
-        if self.max_ls < 1:
-            raise ValueError(f"max_ls must be >= 1, got {self.max_ls}")
-        if self.stop_test not in ("iterates", "every_evaluation"):
-            raise ValueError(
-                f"stop_test must be 'iterates' or 'every_evaluation', got {self.stop_test!r}"
-            )
+        check_minimizer_settings(self.memory, self.max_iter, self.max_ls, self.stop_test)
 
     def __call__(
         self,
