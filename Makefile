@@ -86,7 +86,7 @@ ARTEFACTS := fig1 fig_e1 fig2_left fig_e2
 DEQ_FIGURES := fig3 fig_e3
 DEQ_TABLES := table_e1 table_e2 table_e3
 
-sweeps-bilevel: venv ## run the bi-level figure sweeps on the offline data sets, both modes (~25 CPU min)
+sweeps-bilevel: venv ## run the bi-level figure sweeps on the offline data sets, both modes (~1.1 CPU h)
 	@for sweep in $(BILEVEL_SWEEPS); do for data in $(BILEVEL_DATA); do for mode in $(BILEVEL_MODES); do \
 		OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) train.py -m +sweep=$$sweep dataset=$$data \
 			method.mode=$$mode || exit 1; done; done; done
