@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     res: dict[str, Any] = {
-        "config": {**vars(args), "out": str(args.out)},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "env": {
             "python": platform.python_version(),
             "torch": torch.__version__,
