@@ -223,13 +223,16 @@ def test_train_py_under_torchrun_writes_one_run_directory(tmp_path):
     ]
     # interrupted after 3 steps, then resumed: both ranks must restart from the same checkpoint
     run([*TORCHRUN, *args, "task.trainer.stop_after=3"], REPO)
-    run_dir = tmp_path / "digits_shine" / "seed=0"
+    # named by the overrides that change results (stop_after and checkpoint_every do not)
+    overrides = "task.max_steps=6,trainer.epochs=1,trainer.pretrain_steps=4"
+    run_dir = tmp_path / "digits_shine" / overrides / "seed=0"
     assert not (run_dir / "summary.json").exists()
     assert [r["step"] for r in records(run_dir)] == [0, 1, 2, 3]
     run([*TORCHRUN, *args], REPO)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_shine"]
-    assert sorted(p.name for p in (tmp_path / "digits_shine").iterdir()) == ["seed=0"]
+    assert sorted(p.name for p in (tmp_path / "digits_shine").iterdir()) == [overrides]
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["seed=0"]
     rows = records(run_dir)
     assert [r["step"] for r in rows] == list(range(7))  # one record per step, none twice
     assert [r["unrolled"] for r in rows[1:]] == [True] * 4 + [False] * 2

@@ -112,7 +112,13 @@ def test_train_py_runs_the_digits_experiment(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(
-        (tmp_path / "digits_shine_fallback" / "seed=0" / "summary.json").read_text()
+        (
+            tmp_path
+            / "digits_shine_fallback"
+            / "trainer.epochs=1,trainer.pretrain_steps=10"
+            / "seed=0"
+            / "summary.json"
+        ).read_text()
     )
     assert summary["method"] == "shine_fallback" and summary["n_steps"] == 44
     assert 0.0 <= summary["fallback_frac_mean"] <= 1.0

@@ -97,7 +97,7 @@ def train(args: list[str], log_dir: Path) -> subprocess.CompletedProcess:
 def test_train_py_runs_an_experiment_and_skips_it_when_complete(tmp_path):
     proc = train(["+experiment=breast_cancer_shine", "method.max_iter=4"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "breast_cancer_shine" / "seed=0"
+    run = tmp_path / "breast_cancer_shine" / "method.max_iter=4" / "seed=0"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 5
     summary = json.loads((run / "summary.json").read_text())
@@ -127,11 +127,12 @@ def test_multirun_over_experiments_gives_each_its_own_directory(tmp_path):
 def test_sweep_writes_one_run_per_method_and_seed(tmp_path):
     proc = train(["-m", "+sweep=fig1", "method=shine,grid_search", "seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = sorted((tmp_path / "sweeps" / "fig1").glob("*/summary.json"))
+    summaries = sorted((tmp_path / "sweeps" / "fig1").glob("*/seed=*/summary.json"))
     assert len(summaries) == 4
     methods = sorted(json.loads(p.read_text())["method"] for p in summaries)
     assert methods == ["grid_search", "grid_search", "shine", "shine"]
-    assert sorted(p.parent.name for p in summaries)[0] == "method=grid_search,seed=0"
+    names = sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in summaries)
+    assert names[0] == "method=grid_search/seed=0"
     # the artefact pipeline: collect the sweep into a table, draw the figure from it
     out, figs = tmp_path / "experiments", tmp_path / "figures"
     for cmd in (

@@ -29,8 +29,8 @@ def test_local_submitit_sweep_writes_one_run_per_point_and_skips_on_resubmit(tmp
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = tmp_path / "sweeps" / "smoke" / "opa_inversion"  # one folder per experiment
-    runs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
-    assert runs == ["seed=0,task.n_seeds=1", "seed=1,task.n_seeds=1"]
+    runs = sorted(p.parent.relative_to(sweep).as_posix() for p in sweep.rglob("summary.json"))
+    assert runs == ["task.n_seeds=1/seed=0", "task.n_seeds=1/seed=1"]
     first = [json.loads((sweep / r / "summary.json").read_text())["end_time"] for r in runs]
     # resubmitting the same sweep finds the finished runs and leaves them untouched
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

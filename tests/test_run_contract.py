@@ -266,8 +266,9 @@ def test_a_diverged_run_ends_as_diverged_and_says_so_again(tmp_path):
 @pytest.mark.slow
 def test_a_diverging_training_stops_without_crashing_the_summary(tmp_path):
     runs = tmp_path / "runs"
-    args = ["+experiment=digits_shine", "optim.lr=1e8", "trainer.epochs=1"]
-    args += ["trainer.pretrain_steps=4", "task.eval_limit=64"]
+    # the settings of the report: NaN from step 17
+    args = ["+experiment=digits_shine", "optim.lr=1e8", "trainer.epochs=2"]
+    args += ["trainer.pretrain_steps=20", "task.eval_limit=64"]
     res = run_train(args, runs)
     assert res.returncode == EXIT["diverged"], res.stdout[-3000:]
     assert "TypeError" not in res.stdout and "non-finite loss" in res.stdout

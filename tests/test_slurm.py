@@ -172,7 +172,7 @@ def test_sbatch_script_runs_a_tiny_experiment(cluster, tmp_path):
         cluster, tmp_path, "tiny", EXPERIMENT, "method.max_iter=3", f"paths.log_dir={tmp_path}"
     )
     text = finish(cluster, job_id, output)
-    run = tmp_path / "breast_cancer_shine" / "seed=0"
+    run = tmp_path / "breast_cancer_shine" / "method.max_iter=3" / "seed=0"
     assert (run / "summary.json").exists(), text
     assert steps(run) == [0, 1, 2, 3]
     # the DDP rendezvous is exported from the allocation's first host
@@ -206,7 +206,7 @@ def test_submitit_launcher_runs_a_sweep_on_slurm(cluster, tmp_path):
         pytest.fail(f"the sweep did not finish: {exc.stdout}{exc.stderr}\n{cluster.diagnostics()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr + cluster.diagnostics()
     sweep = tmp_path / "sweeps" / "slurm_smoke"
-    runs = sorted(p.parent for p in sweep.glob("breast_cancer_shine/*/summary.json"))
+    runs = sorted(p.parent for p in sweep.glob("breast_cancer_shine/*/seed=*/summary.json"))
     assert [OmegaConf.load(run / "config.yaml").seed for run in runs] == [0, 1], proc.stderr
     assert all(steps(run) == [0, 1, 2] for run in runs)
     # the jobs went through sbatch: submitit's job script and logs are in the sweep directory
@@ -216,7 +216,7 @@ def test_submitit_launcher_runs_a_sweep_on_slurm(cluster, tmp_path):
 @pytest.mark.slow
 def test_second_submission_resumes_an_interrupted_run(cluster, tmp_path):
     common = (EXPERIMENT, "method.max_iter=4", f"paths.log_dir={tmp_path}")
-    run = tmp_path / "breast_cancer_shine" / "seed=0"
+    run = tmp_path / "breast_cancer_shine" / "method.max_iter=4" / "seed=0"  # stop_after: neutral
     job_id, output = submit(cluster, tmp_path, "part1", *common, "task.trainer.stop_after=2")
     finish(cluster, job_id, output)
     assert not (run / "summary.json").exists()
@@ -234,7 +234,7 @@ def test_second_submission_resumes_an_interrupted_run(cluster, tmp_path):
 def test_time_limit_signal_requeues_the_job_which_resumes(cluster, tmp_path):
     """USR1 (what SLURM sends 120 s before the time limit) makes the script requeue its job."""
     max_iter = 400  # 3-8 s of outer steps: the signal arrives mid-run
-    run = tmp_path / "breast_cancer_shine" / "seed=0"
+    run = tmp_path / "breast_cancer_shine" / f"method.max_iter={max_iter}" / "seed=0"
     job_id, output = submit(
         cluster,
         tmp_path,
