@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -382,3 +382,39 @@ def test_robust_rejection_returns_to_the_accepted_point_and_recomputes_there():
     third = stepper.step()  # re-solved there at the tighter tolerance, a fresh hypergradient
     assert not third["rejected"] and third["backward_iters"] > 0
     assert third["tolerance"] == pytest.approx(eps)
+
+
+@dataclass(frozen=True)
+class SpyLBFGS(LBFGS):
+    """An LBFGS that records the memory each solve starts from (HOAG's inner_memory)."""
+
+    seen: list = field(default_factory=list, compare=False)
+
+    def __call__(self, fun, z0, *, opa_direction=None, warm_start=None):
+        self.seen.append(warm_start)
+        return super().__call__(fun, z0, opa_direction=opa_direction, warm_start=warm_start)
+
+
+@pytest.mark.parametrize("policy", ["restart", "keep", "shift"])
+def test_inner_memory_policies_hand_over_what_they_promise(policy):
+    # second inner solve: restart starts empty; keep gets the first solve's pairs as they are;
+    # shift gets them with y moved to the new lambda (y + (e^λ2 - e^λ1) s), exact secant pairs
+    problem = make_problem()
+    spy = SpyLBFGS(memory=30)
+    method = HOAG(solver=spy, backward=Shine(), inner_memory=policy, mode="robust", max_iter=2)
+    stepper = method.stepper(problem, torch.zeros(problem.inner.n_features, dtype=DT))
+    stepper.step()
+    first, lam1 = stepper.memory, stepper.memory_lam.clone()
+    stepper.step()
+    handed = spy.seen[1]
+    if policy == "restart":
+        assert handed is None
+        return
+    lam2 = stepper.memory_lam  # the λ of the second inner solve
+    torch.testing.assert_close(handed.s, first.s)
+    if policy == "keep":
+        torch.testing.assert_close(handed.y, first.y)
+    else:
+        shift = (torch.exp(lam2) - torch.exp(lam1)).reshape(()) * first.s
+        torch.testing.assert_close(handed.y, first.y + shift)
+        assert not torch.allclose(handed.y, first.y)
