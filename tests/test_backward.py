@@ -168,3 +168,22 @@ def test_diagnose_reports_agreement(setup):
     ratio = u_jf.norm(dim=-1) / exact.norm(dim=-1)
     assert jf.stats.extra["ratio_to_reference"] == pytest.approx(float(ratio.mean()), rel=1e-6)
     assert float(cos.mean()) < 0.99  # JF is visibly off on this problem
+
+
+def test_fallback_on_a_real_shine_estimate():
+    # a real Broyden forward on a DEQ close to its contraction limit, stopped early: the SHINE
+    # directions of some samples are much longer than their Jacobian-Free ones. With the ratio
+    # set between the samples' norm ratios, exactly those above it fall back, to -rhs
+    prob = make_problem(dim=10, batch=6, contraction=0.95, seed=3)
+    fwd = Broyden(max_iter=8, tol=1e-12, memory=8)(prob.g, torch.zeros_like(prob.x))
+    rhs = torch.randn(6, 10, dtype=DT, generator=torch.Generator().manual_seed(8))
+    shine = Shine()(None, rhs, fwd).value
+    ratios = shine.norm(dim=-1) / rhs.norm(dim=-1)  # |h0| = 1
+    assert float(ratios.max() / ratios.min()) > 1.05  # the samples differ
+    threshold = float(ratios.median())
+    out = Fallback(primary=Shine(), fallback=JacobianFree(), ratio=threshold)(None, rhs, fwd)
+    expected = ratios > threshold
+    assert out.stats.fallback_mask.tolist() == expected.tolist()
+    assert 0 < int(expected.sum()) < 6
+    torch.testing.assert_close(out.value[expected], -rhs[expected])
+    torch.testing.assert_close(out.value[~expected], shine[~expected])
