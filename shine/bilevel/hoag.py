@@ -91,7 +91,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from torch import Tensor
@@ -268,10 +268,9 @@ _PRESETS: dict[str, dict[str, str]] = {
         "step_rule": "authors",
         "tolerance_reference": "aliased",
         "estimate": "authors",
-        # their Fortran L-BFGS-B for a memory restarted at every solve (Figs. 1, E.1) if no OPA
+        # their Fortran L-BFGS-B driver, tested at every evaluation (Figs. 1, E.1); replaced by
+        # _FAITHFUL_PURE_PYTHON when the memory is kept or OPA is on
         "inner_solver": "scipy_lbfgsb",
-        # their Fortran L-BFGS-B driver (restart) tested every evaluation; their pure-Python
-        # L-BFGS (memory kept) tested accepted iterates
         "inner_stop_test": "every_evaluation",
         "opa_schedule": "countdown",
     },
@@ -284,13 +283,20 @@ _PRESETS: dict[str, dict[str, str]] = {
         "opa_schedule": "fixed",
     },
 }
+#: faithful mode with a kept memory or OPA: their pure-Python L-BFGS (Figs. 2 left, E.2), which
+#: tested the tolerance at accepted iterates
+_FAITHFUL_PURE_PYTHON: dict[str, str] = {
+    "inner_solver": "authors_lbfgs",
+    "inner_stop_test": "iterates",
+}
+#: the valid values of each preset behaviour (from its ``Literal`` type)
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "step_rule": ("authors", "safeguarded"),
-    "tolerance_reference": ("aliased", "initial", "current"),
-    "estimate": ("authors", "solver"),
-    "inner_solver": ("scipy_lbfgsb", "authors_lbfgs", "solver"),
-    "inner_stop_test": ("every_evaluation", "iterates"),
-    "opa_schedule": ("countdown", "fixed"),
+    "step_rule": get_args(StepRule),
+    "tolerance_reference": get_args(ToleranceReference),
+    "estimate": get_args(EstimateKind),
+    "inner_solver": get_args(InnerSolverKind),
+    "inner_stop_test": get_args(InnerStopTest),
+    "opa_schedule": get_args(OPASchedule),
 }
 
 
@@ -423,12 +429,12 @@ class HOAG:
         value = getattr(self, name)
         if value is not None:
             return value
-        if self.mode == "faithful" and name in ("inner_stop_test", "inner_solver"):
-            # their L-BFGS-B (memory restarted, no OPA) or their pure-Python L-BFGS
-            lbfgsb = self.inner_memory == "restart" and self.solver.opa_every is None
-            if name == "inner_solver":
-                return "scipy_lbfgsb" if lbfgsb else "authors_lbfgs"
-            return "every_evaluation" if lbfgsb else "iterates"
+        if (
+            self.mode == "faithful"
+            and name in _FAITHFUL_PURE_PYTHON
+            and (self.inner_memory != "restart" or self.solver.opa_every is not None)
+        ):
+            return _FAITHFUL_PURE_PYTHON[name]
         return _PRESETS[self.mode][name]
 
     @property
