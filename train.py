@@ -54,7 +54,7 @@ from shine.runtime.distributed import (
     shutdown,
 )
 from shine.runtime.lock import RunLockedError
-from shine.runtime.run_dir import ConfigMismatchError, CorruptCheckpointError, config_diff
+from shine.runtime.run_dir import ConfigMismatchError, CorruptCheckpointError
 from shine.training.trainer import Diverged
 
 log = logging.getLogger("train")
@@ -261,19 +261,15 @@ def _ended(cfg: DictConfig, run_dir: RunDirectory) -> None:
             run_dir.path,
         )
         sys.exit(EXIT_CODES["diverged"])
-    if run_dir.config_path.is_file():
-        import yaml
-
-        stored = yaml.safe_load(run_dir.config_path.read_text(encoding="utf-8")) or {}
-        diff = config_diff(stored, OmegaConf.to_container(cfg, resolve=True))
-        if diff:
-            log.error(
-                "%s holds a complete run of another configuration:\n%s\nPass overwrite=true to "
-                "replace it (it is kept as a backup).",
-                run_dir.path,
-                "\n".join(f"    {line}" for line in diff[:40]),
-            )
-            sys.exit(EXIT_CODES["config"])
+    diff = run_dir.config_changes(OmegaConf.to_container(cfg, resolve=True))
+    if diff:
+        log.error(
+            "%s holds a complete run of another configuration:\n%s\nPass overwrite=true to "
+            "replace it (it is kept as a backup).",
+            run_dir.path,
+            "\n".join(f"    {line}" for line in diff[:40]),
+        )
+        sys.exit(EXIT_CODES["config"])
     log.info(
         "run already complete, nothing to do; results in %s (summary.json, metrics.jsonl). "
         "Pass overwrite=true to run it again (the old directory is kept as a backup).",

@@ -160,6 +160,15 @@ def test_config_change_refuses_the_resume_and_neutral_keys_do_not(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:]
     assert steps_of(run) == list(range(30))
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    # a complete run is found complete by its own command, and refused to another configuration
+    again = run_train([*BREAST, "trainer.num_threads=2"], runs)
+    assert again.returncode == 0 and "run already complete" in again.stdout, again.stdout[-2000:]
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    other = run_train(BREAST, runs)
+    assert other.returncode == EXIT["config"], other.stdout[-2000:]
+    assert "holds a complete run of another configuration" in other.stdout
+    assert "decrease: 0.5" in other.stdout
+    assert steps_of(run) == list(range(30))
 
 
 def test_config_diff_ignores_the_result_neutral_keys():

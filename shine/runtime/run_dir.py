@@ -3,6 +3,7 @@
 Layout of a run directory::
 
     config.yaml            resolved configuration (text given by the caller)
+    overrides.yaml         the command-line overrides it was started with (for error messages)
     metrics.jsonl          one JSON object per logged record: {"step", "wall_time", ...}
     checkpoints/last.pt    last checkpoint, written atomically, loaded with weights_only=True
     checkpoints/prev.pt    the checkpoint before it (kept in case the last one is damaged)
@@ -240,16 +241,20 @@ class RunDirectory:
             return self.stop_sync(self.stop_requested)
         return self.stop_requested
 
+    def config_changes(self, config: Mapping[str, Any]) -> list[str]:
+        """:func:`config_diff` of the stored ``config.yaml`` and ``config`` (empty without one)."""
+        if not self.config_path.is_file():
+            return []
+        stored = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        return config_diff(stored, config)
+
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Compare ``config`` with the stored ``config.yaml`` (result-neutral keys excepted).
 
         Raises:
             ConfigMismatchError: with the differing lines, if they differ.
         """
-        if not self.config_path.is_file():
-            return
-        stored = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
-        diff = config_diff(stored, config)
+        diff = self.config_changes(config)
         if diff:
             overrides = stored_overrides(self.path)
             command = "python train.py " + " ".join(overrides) if overrides else None
