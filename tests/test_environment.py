@@ -31,7 +31,9 @@ def _pins(lines: list[str]) -> dict[str, SpecifierSet]:
     return pins
 
 
-def pyproject_pins(extras: tuple[str, ...] = ("dev", "bench")) -> dict[str, SpecifierSet]:
+def pyproject_pins(
+    extras: tuple[str, ...] = ("dev", "bench", "mutation"),
+) -> dict[str, SpecifierSet]:
     project = _pyproject()["project"]
     lines = list(project["dependencies"])
     for extra in extras:

@@ -1,0 +1,230 @@
+"""`make mutation`: mutmut 3 on shine/solvers, shine/backward, shine/deq, shine/bilevel.
+
+Runs mutmut on a snapshot of a git commit (``--ref``, default HEAD: uncommitted edits of the
+checkout, e.g. someone's half-done configs/, cannot break the baseline run), in
+``runs/mutation/work/`` (mutmut's ``mutants/`` cache lives there: a rerun only re-tests the
+functions whose source or tests changed). The mutated tests are the quick tests listed in
+``[tool.mutmut]`` of pyproject.toml; mutmut runs, for each mutant, only the tests that execute the
+mutated function. Then writes ``runs/mutation/report.md`` and ``report.json``: per package
+killed / survived / equivalent / timeout / other counts, the killed fraction of the
+non-equivalent mutants, and every surviving mutant with its diff.
+
+Equivalent mutants are listed in ``tests/mutation/equivalent.txt``: one ``<mutant id> <reason>``
+per line. ``--add-message-equivalents`` appends there the survivors whose only change is the
+text of an error / log message (the rule is ``is_message_mutant``), for review before committing.
+
+    python tests/mutation/run.py [--packages shine/backward shine/deq] [--ref HEAD] [--jobs 2]
+    python tests/mutation/run.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("shine/solvers", "shine/backward", "shine/deq", "shine/bilevel")
+EQUIVALENT = Path(__file__).with_name("equivalent.txt")
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped"}
+STATUS |= {36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
+STATUS |= {37: "caught by type check", -11: "segfault", -9: "segfault", None: "not checked"}
+
+
+def mutant_file(name: str) -> str:
+    """``shine.solvers.broyden.x_f__mutmut_3`` -> ``shine/solvers/broyden.py``."""
+    return "/".join(name.split(".")[:-1]) + ".py"
+
+
+def package_of(name: str) -> str:
+    path = mutant_file(name)
+    return next((p for p in PACKAGES if path.startswith(p + "/")), "other")
+
+
+def selected(name: str, packages: list[str]) -> bool:
+    """Whether the mutant belongs to one of ``packages`` (folders or module files)."""
+    path = mutant_file(name)
+    return any(path == p or path.startswith(p + "/") for p in packages)
+
+
+def selector(package: str) -> str:
+    """mutmut name glob for a package folder or a module file."""
+    return package.removesuffix(".py").rstrip("/").replace("/", ".") + ".*"
+
+
+def read_equivalent() -> dict[str, str]:
+    out = {}
+    if EQUIVALENT.exists():
+        for line in EQUIVALENT.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                name, _, reason = line.strip().partition(" ")
+                out[name] = reason.strip()
+    return out
+
+
+_STRING = re.compile(r"""[rbfu]{0,2}("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""", re.IGNORECASE)
+_MESSAGE_LINE = re.compile(
+    r"""^\s*(raise \w+\(|logger\.\w+\(|logging\.\w+\(|warnings\.warn\(|[rbfu]{0,2}["'])"""
+)
+
+
+def is_message_mutant(diff: str) -> bool:
+    """Whether the mutant only changes the text of an error / log / warning message.
+
+    Rule: one line changed; the original line is a ``raise X(``, ``logger.*(``,
+    ``warnings.warn(`` call or a string literal on its own line (the continuation of such a
+    message: shine's sources put no other bare string lines in function bodies); and the two
+    lines are equal once every string literal (and a ``None`` replacing it) is blanked.
+    """
+    minus = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    plus = [ln[1:] for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    if len(minus) != 1 or len(plus) != 1 or not _MESSAGE_LINE.match(minus[0]):
+        return False
+    blank = lambda s: re.sub(r"\bNone\b", "S", _STRING.sub("S", s))  # noqa: E731
+    return _STRING.search(minus[0]) is not None and blank(minus[0]) == blank(plus[0])
+
+
+def export_snapshot(ref: str, work: Path) -> str:
+    commit = subprocess.check_output(["git", "rev-parse", ref], cwd=ROOT, text=True).strip()
+    work.mkdir(parents=True, exist_ok=True)
+    for entry in work.iterdir():  # keep mutmut's cache (mutants/), replace the sources
+        if entry.name != "mutants":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive.stdout, check=True)
+    return commit
+
+
+def collect(work: Path) -> dict[str, int | None]:
+    exit_codes: dict[str, int | None] = {}
+    for meta in sorted((work / "mutants" / "shine").rglob("*.py.meta")):
+        exit_codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return exit_codes
+
+
+def diff_of(work: Path, name: str) -> str:
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+        return get_diff_for_mutant(name, path=Path(mutant_file(name)))
+    except Exception as exc:  # noqa: BLE001 (a report must not die on one odd mutant)
+        return f"(no diff: {exc!r})"
+    finally:
+        os.chdir(cwd)
+
+
+def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages: bool) -> float:
+    exit_codes = {k: v for k, v in collect(work).items() if selected(k, packages)}
+    equivalent = read_equivalent()
+    rows, survivors, new_messages = {}, [], []
+    for name, code in sorted(exit_codes.items()):
+        status = STATUS.get(code, "suspicious")
+        if status == "survived":
+            diff = diff_of(work, name)
+            if name in equivalent:
+                status = "equivalent"
+            elif is_message_mutant(diff):
+                new_messages.append(name)
+                status = "equivalent" if add_messages else status
+            if status == "survived":
+                survivors.append((name, diff))
+        rows.setdefault(package_of(name), Counter())[status] += 1
+    if add_messages and new_messages:
+        with EQUIVALENT.open("a", encoding="utf-8") as f:
+            for name in new_messages:
+                f.write(f"{name} error/log message text only (no effect on any result)\n")
+    stale = sorted(n for n in equivalent if exit_codes.get(n, 0) != 0 and n in exit_codes)
+    total = sum(rows.values(), Counter())
+    rows["total"] = total
+    columns = ["killed", "survived", "equivalent", "timeout", "no tests", "not checked"]
+    other = lambda c: sum(v for k, v in c.items() if k not in columns)  # noqa: E731
+
+    def fraction(c: Counter) -> float:
+        relevant = c["killed"] + c["survived"] + c["timeout"]  # timeouts count as killed
+        return (c["killed"] + c["timeout"]) / relevant if relevant else float("nan")
+
+    lines = [
+        "# Mutation testing report (mutmut 3)",
+        "",
+        f"commit {meta['commit']}, packages {' '.join(packages)}, "
+        f"run {meta.get('run_s', 'n/a')} s, {meta.get('rate', 'n/a')} mutants/s",
+        "",
+        "killed fraction = (killed + timeout) / (killed + timeout + survived); equivalent "
+        "mutants (tests/mutation/equivalent.txt) are left out",
+        "",
+        "| package | " + " | ".join(columns) + " | other | killed fraction |",
+        "|---" * (len(columns) + 3) + "|",
+    ]
+    for pkg, c in rows.items():
+        cells = " | ".join(str(c[k]) for k in columns)
+        lines.append(f"| {pkg} | {cells} | {other(c)} | {fraction(c):.3f} |")
+    if new_messages and not add_messages:
+        lines += [
+            "",
+            f"{len(new_messages)} survivors only change a message text: rerun with "
+            "--add-message-equivalents to list them as equivalent (then review)",
+        ]
+    if stale:
+        lines += ["", "Stale entries of equivalent.txt (now killed): " + ", ".join(stale)]
+    lines += ["", f"## Surviving mutants ({len(survivors)})", ""]
+    for name, diff in survivors:
+        lines += [f"### {name}", "", "```diff", diff.strip(), "```", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = {pkg: dict(c) | {"killed_fraction": fraction(c)} for pkg, c in rows.items()}
+    result = meta | {
+        "packages": packages,
+        "counts": summary,
+        "survivors": [n for n, _ in survivors],
+    }
+    (out / "report.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print("\n".join(lines[: lines.index(f"## Surviving mutants ({len(survivors)})")]))
+    print(f"report: {out / 'report.md'}")
+    return fraction(total)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packages", nargs="*", default=list(PACKAGES))
+    parser.add_argument("--ref", default="HEAD", help="git commit to mutate")
+    parser.add_argument("--jobs", type=int, default=2, help="mutmut --max-children")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mutation")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--add-message-equivalents", action="store_true")
+    parser.add_argument("--target", type=float, default=0.95)
+    args = parser.parse_args()
+    work = args.out / "work"
+    packages = [p.rstrip("/") for p in args.packages]
+    meta_path = args.out / "run.json"
+    if args.report_only:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"commit": "?"}
+    else:
+        commit = export_snapshot(args.ref, work)
+        env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        mutmut = str(Path(sys.executable).with_name("mutmut"))
+        cmd = [mutmut, "run", "--max-children", str(args.jobs), *map(selector, packages)]
+        print(" ".join(cmd), f"(in {work}, commit {commit[:10]})", flush=True)
+        start = time.time()
+        rc = subprocess.run(cmd, cwd=work, env=env).returncode
+        run_s = round(time.time() - start)
+        n = sum(1 for k, v in collect(work).items() if v is not None and selected(k, packages))
+        meta = {"commit": commit, "run_s": run_s, "rate": round(n / max(run_s, 1), 2), "rc": rc}
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(meta))
+        if rc:
+            print(f"mutmut exited with {rc}", file=sys.stderr)
+    killed = report(work, args.out, packages, meta, args.add_message_equivalents)
+    return 0 if killed >= args.target else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
