@@ -198,13 +198,14 @@ def main() -> int:
     parser.add_argument("--ref", default="HEAD", help="git commit to mutate")
     parser.add_argument("--jobs", type=int, default=2, help="mutmut --max-children")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mutation")
+    parser.add_argument("--work", type=Path, help="mutmut's working dir (default OUT/work)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--add-message-equivalents", action="store_true")
     parser.add_argument("--target", type=float, default=0.95)
     args = parser.parse_args()
-    work = args.out / "work"
+    work = args.work or args.out / "work"
     packages = [p.rstrip("/") for p in args.packages]
-    meta_path = args.out / "run.json"
+    meta_path = work.parent / "run.json"
     if args.report_only:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"commit": "?"}
     else:
