@@ -14,6 +14,7 @@ per line. ``--add-message-equivalents`` appends there the survivors whose only c
 text of an error / log message (the rule is ``is_message_mutant``), for review before committing.
 
     python tests/mutation/run.py [--packages shine/backward shine/deq] [--ref HEAD] [--jobs 2]
+    python tests/mutation/run.py --survivors  # re-test the survivors only (after a new test)
     python tests/mutation/run.py --report-only
 """
 
@@ -156,7 +157,8 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
         "# Mutation testing report (mutmut 3)",
         "",
         f"commit {meta['commit']}, packages {' '.join(packages)}, "
-        f"run {meta.get('run_s', 'n/a')} s, {meta.get('rate', 'n/a')} mutants/s",
+        f"last run {meta.get('run_s', 'n/a')} s for {meta.get('tested', 'n/a')} mutants "
+        f"({meta.get('rate', 'n/a')} mutants/s)",
         "",
         "killed fraction = (killed + timeout) / (killed + timeout + survived); equivalent "
         "mutants (tests/mutation/equivalent.txt) are left out",
@@ -200,6 +202,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mutation")
     parser.add_argument("--work", type=Path, help="mutmut's working dir (default OUT/work)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="re-test only the surviving, non-equivalent mutants (e.g. after adding a test)",
+    )
     parser.add_argument("--add-message-equivalents", action="store_true")
     parser.add_argument("--target", type=float, default=0.95)
     args = parser.parse_args()
@@ -215,13 +222,30 @@ def main() -> int:
         # named mutants are always re-tested: name them only for a restricted run (all the
         # packages: mutmut's cache re-tests only what changed)
         names = [] if set(packages) == set(PACKAGES) else [selector(p) for p in packages]
+        if args.survivors:
+            equivalent = read_equivalent()
+            names = [
+                k
+                for k, v in collect(work).items()
+                if v == 0 and selected(k, packages) and k not in equivalent
+            ]
+            if not names:
+                print("no surviving mutant to re-test")
+        before = sum(
+            1 for k, v in collect(work).items() if v is not None and selected(k, packages)
+        )
         cmd = [mutmut, "run", "--max-children", str(args.jobs), *names]
-        print(" ".join(cmd), f"(in {work}, commit {commit[:10]})", flush=True)
+        shown = " ".join(cmd[:8]) + (f" ... ({len(names)} names)" if len(cmd) > 8 else "")
+        print(shown, f"(in {work}, commit {commit[:10]})", flush=True)
         start = time.time()
-        rc = subprocess.run(cmd, cwd=work, env=env).returncode
+        skip = args.survivors and not names
+        rc = 0 if skip else subprocess.run(cmd, cwd=work, env=env).returncode
         run_s = round(time.time() - start)
-        n = sum(1 for k, v in collect(work).items() if v is not None and selected(k, packages))
-        meta = {"commit": commit, "run_s": run_s, "rate": round(n / max(run_s, 1), 2), "rc": rc}
+        after = sum(1 for k, v in collect(work).items() if v is not None and selected(k, packages))
+        # mutants tested by this run: the named ones, else those the cache did not answer
+        n = len(names) if args.survivors else (after if names else after - before)
+        meta = {"commit": commit, "run_s": run_s, "tested": n, "rc": rc}
+        meta["rate"] = round(n / max(run_s, 1), 2)
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta))
         if rc:
