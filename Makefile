@@ -54,7 +54,7 @@ test-quick: venv ## run the tests not marked slow
 demo: venv ## main job: SHINE vs HOAG vs JF (bi-level, faithful + robust) and vs the original DEQ backward (digits), figures, summary (one OpenMP thread)
 	@start=$$(date +%s); export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}; \
 	$(PY) train.py -m +sweep=demo_bilevel && \
-	for m in original shine jacobian_free; do $(PY) train.py +experiment=digits_$$m || exit 1; done && \
+	for m in original shine jacobian_free; do $(PY) train.py +experiment=digits method=$$m || exit 1; done && \
 	$(PY) train.py +experiment=opa_inversion && \
 	$(PY) scripts/collect.py demo --out $(RUNS)/demo && \
 	$(PY) scripts/fig_bilevel.py demo --table $(RUNS)/demo/demo/runs.csv --out figures/demo && \

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -55,6 +56,7 @@ from shine.runtime.distributed import (
 )
 from shine.runtime.lock import RunLockedError
 from shine.runtime.run_dir import ConfigMismatchError, CorruptCheckpointError
+from shine.runtime.settings import TrainerSettings
 from shine.training.trainer import Diverged
 
 log = logging.getLogger("train")
@@ -69,18 +71,20 @@ EXIT_CODES = {
     "interrupted": 75,  # stopped by a signal after checkpointing: run the same command again
     "config": 78,  # the run directory holds a run of another configuration
 }
-#: the paper's name of a DEQ method: (forward solver, backward strategy) config choices
-DEQ_METHODS: dict[tuple[str, str], str] = {
-    ("broyden", "ift"): "original",
-    ("broyden", "ift_limited"): "original_limited",
-    ("broyden", "shine"): "shine",
-    ("broyden", "shine_fallback"): "shine_fallback",
-    ("broyden", "shine_refine"): "shine_refine",
-    ("broyden", "jacobian_free"): "jacobian_free",
-    ("broyden", "jacobian_free_refine"): "jacobian_free_refine",
-    ("adjoint_broyden", "shine_fallback"): "shine_adjoint_broyden",
-    ("adjoint_broyden_opa", "shine_fallback"): "shine_opa",
-}
+
+
+def register_schemas() -> None:
+    """Register the schemas of the groups without a class (``trainer/schema``).
+
+    Every ``configs/trainer/*.yaml`` extends ``schema``: an unknown key or a wrong type is a
+    composition error naming the key. Called at import, so that ``train.py``, its
+    :func:`compose_task` and the tests (``tests/conftest.py`` imports this module) compose
+    against it.
+    """
+    ConfigStore.instance().store(group="trainer", name="schema", node=TrainerSettings)
+
+
+register_schemas()
 #: signals that stop a run cleanly (SIGUSR1: SLURM's warning before the time limit)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -130,38 +134,84 @@ def stop_on_signals(run_dir: RunDirectory) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def derived_method_name(cfg: DictConfig, choices: dict[str, Any]) -> str | None:
-    """The method a run computes, from the config groups it was composed with.
+def available_methods(setting: str) -> list[str]:
+    """The methods of ``setting`` (``deq``, ``bilevel``): configs/method/impl/SETTING/*.yaml."""
+    folder = REPO / "configs" / "method" / "impl" / setting
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "outer_loop")
 
-    Bi-level runs: the ``method`` choice; DEQ training runs: :data:`DEQ_METHODS` of the
-    ``solver`` and ``backward`` choices (``<solver>+<backward>`` for other pairs); other tasks
-    (whose ``method_name`` names an input, e.g. the checkpoint to analyse): ``None``.
+
+def _remove_empty_run_dir(cfg: DictConfig) -> None:
+    """Remove the directory Hydra created for a run refused before it started.
+
+    It holds nothing but the log of the refusal (``train.log``), which went to the console too;
+    the empty folders above it, up to ``paths.log_dir``, go with it.
     """
-    target = OmegaConf.select(cfg, "task._target_", default="")
-    if target == "shine.tasks.HyperparameterOptimization" and choices.get("method"):
-        return str(choices["method"])
-    if target == "shine.tasks.ImageClassification":
-        pair = (str(choices.get("solver")), str(choices.get("backward")))
-        return DEQ_METHODS.get(pair, "+".join(pair))
-    return None
+    output = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    log_dir = OmegaConf.select(cfg, "paths.log_dir", default=None)
+    if not output or not log_dir:
+        return
+    path, root = Path(str(output)).resolve(), Path(str(log_dir)).resolve()
+    if [p.name for p in path.glob("*")] == ["train.log"]:
+        for handler in list(logging.getLogger().handlers):
+            mine = isinstance(handler, logging.FileHandler)
+            if mine and Path(handler.baseFilename).parent == path:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+        (path / "train.log").unlink()
+    while path != root and root in path.parents:
+        try:
+            path.rmdir()  # only empty folders go
+        except OSError:
+            return
+        path = path.parent
 
 
 def name_the_method(cfg: DictConfig, choices: dict[str, Any]) -> None:
-    """Set ``task.method_name`` (read by the summary and by collect.py) to the derived name."""
-    derived = derived_method_name(cfg, choices)
-    if derived is None:
-        return
-    written = OmegaConf.select(cfg, "task.method_name", default=None)
-    if written not in (None, derived):
-        log.warning(
-            "task.method_name %r disagrees with the configured solver/backward/method (%s): "
-            "the run is recorded as %r",
-            written,
-            ", ".join(f"{g}={choices.get(g)}" for g in ("solver", "backward", "method")),
-            derived,
+    """Check that a task that runs a method has one, and record it under its one name.
+
+    The ``method`` choice (``configs/method/NAME.yaml``) names the run (the experiments'
+    ``<experiment>_<method>`` directories), the summary's ``method`` (``task.method_name``,
+    read by collect.py) and the figures' legend. A hand-written ``task.method_name`` or
+    ``method.name`` that disagrees is replaced by the choice, with a warning.
+    """
+    if OmegaConf.select(cfg, "task.method_name", default="__absent__", throw_on_missing=False) == (
+        "__absent__"
+    ):
+        return  # the task compares several methods itself (timing, inversion quality)
+    choice = str(choices.get("method") or "none")
+    if choice == "none":
+        setting = str(choices.get("setting") or "none")
+        names = available_methods(setting) if setting != "none" else ["configs/method/*.yaml"]
+        log.error(
+            "this experiment runs a method: add method=NAME, one of %s (configs/method/)",
+            ", ".join(names),
         )
+        _remove_empty_run_dir(cfg)
+        sys.exit(EXIT_CODES["usage"])
     with open_dict(cfg):
-        cfg.task.method_name = derived
+        for key in ("task.method_name", "method.name"):
+            written = OmegaConf.select(cfg, key, default=None)
+            if written != choice:
+                log.warning(
+                    "%s=%r disagrees with the method choice method=%s: the run is recorded as %r",
+                    key,
+                    written,
+                    choice,
+                    choice,
+                )
+                OmegaConf.update(cfg, key, choice, force_add=True)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Range checks of the settings without a class (:class:`TrainerSettings`), before any
+    object is built or data loaded; types and unknown keys are checked at composition.
+
+    Raises:
+        ValueError: naming the key (``trainer.KEY``) and its valid range.
+    """
+    trainer = OmegaConf.select(cfg, "trainer")
+    if trainer is not None:
+        TrainerSettings.check(OmegaConf.to_container(trainer, resolve=True))
 
 
 def apply_thread_policy(cfg: DictConfig) -> None:
@@ -185,7 +235,7 @@ def compose_task(overrides: list[str]) -> Any:
     """Compose ``configs/train.yaml`` with ``overrides`` and instantiate its task.
 
     For scripts (benchmarks) that need the exact objects of an experiment without a run
-    directory, e.g. ``compose_task(["+experiment=breast_cancer_shine", "seed=1"])``.
+    directory, e.g. ``compose_task(["+experiment=breast_cancer", "method=shine", "seed=1"])``.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -193,6 +243,7 @@ def compose_task(overrides: list[str]) -> Any:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    check_settings(cfg)
     return instantiate(cfg.task)
 
 
@@ -211,6 +262,11 @@ def main(cfg: DictConfig) -> None:
     """Run the task selected by the composed configuration ``cfg``."""
     if cfg.get("task") is None:
         log.error("no task selected: run an experiment, e.g. `python train.py +experiment=NAME`")
+        sys.exit(EXIT_CODES["usage"])
+    try:
+        check_settings(cfg)
+    except ValueError as err:
+        log.error("%s", err)
         sys.exit(EXIT_CODES["usage"])
     name_the_method(cfg, dict(HydraConfig.get().runtime.choices))
     launch = detect_launch()

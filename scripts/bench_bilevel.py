@@ -212,7 +212,7 @@ def run_method(
         if quick:
             overrides.append("method.max_iter=8")
     # every bi-level experiment is the same but for its data set: take one family, swap the data
-    task = compose_task(f"synthetic_news_{method}", overrides)
+    task = compose_task("synthetic_news", [f"method={method}", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = RunDirectory(tmp)
         run_dir.start("bench: true\n")

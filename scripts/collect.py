@@ -129,7 +129,7 @@ def deq_artefacts() -> dict[str, Artefact]:
     train = (
         "python train.py -m +sweep=fig3_digits && python train.py -m +sweep=fig3_digits_refine "
         "(cifar/imagenet: fig3_cifar[_refine], fig3_imagenet[_refine]); or single runs "
-        "python train.py +experiment=digits_METHOD"
+        "python train.py +experiment=digits method=METHOD"
     )
     deq = {
         "identity": {c: () for c in deq_results.DEQ_IDENTITY},
@@ -157,7 +157,7 @@ def deq_artefacts() -> dict[str, Artefact]:
         "table_e1": Artefact(
             tag="table_e1",
             produced_by="python train.py -m +experiment=digits_contractivity "
-            "task.method_name=original,jacobian_free,shine",
+            "method=original,jacobian_free,shine",
             identity={c: () for c in deq_results.E1_IDENTITY},
             metrics=deq_results.E1_METRICS,
             rows_fn=deq_results.contractivity_rows,

@@ -43,7 +43,8 @@ def run(
     """``log λ`` of our run at the initial point and after each of ``steps`` outer steps, and
     the number of rejected steps."""
     task = compose_task(
-        [f"+experiment={data}_{method}", f"seed={seed}", "dataset.outer_half=second", *overrides]
+        [f"+experiment={data}", f"method={method}", f"seed={seed}", "dataset.outer_half=second"]
+        + list(overrides)
     )
     problem, w0 = task.build()
     stepper = task.method.stepper(problem, w0)
@@ -103,7 +104,7 @@ def test_fixture_is_the_authors_split_and_initial_point():
     fixture = authors()["fpn"]
     for seed in (0, 3):
         task = compose_task(
-            ["+experiment=synthetic_news_small_jacobian_free", f"seed={seed}"]
+            ["+experiment=synthetic_news_small", "method=jacobian_free", f"seed={seed}"]
             + ["dataset.outer_half=second"]
         )
         problem, w0 = task.build()

@@ -214,7 +214,8 @@ def test_two_processes_train_like_one(tmp_path):
 def test_train_py_under_torchrun_writes_one_run_directory(tmp_path):
     args = [
         "train.py",
-        "+experiment=digits_shine",
+        "+experiment=digits",
+        "method=shine",
         "trainer.epochs=1",
         "trainer.pretrain_steps=4",
         "task.max_steps=6",

@@ -100,7 +100,8 @@ def test_train_py_runs_the_digits_experiment(tmp_path):
         [
             sys.executable,
             "train.py",
-            "+experiment=digits_shine_fallback",
+            "+experiment=digits",
+            "method=shine_fallback",
             "trainer.epochs=1",
             "trainer.pretrain_steps=10",
             f"paths.log_dir={tmp_path}",

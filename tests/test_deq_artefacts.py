@@ -332,23 +332,17 @@ def test_fig3_sweeps_compose_and_set_n(dataset):
     ):
         cfg = compose_train([f"+sweep=fig3_{dataset}{part}"], hydra_node=True)
         params = cfg.hydra.sweeper.params
-        swept = {e.removeprefix(f"{dataset}_") for e in params["+experiment"].split(",")}
-        assert experiments <= swept
+        assert experiments <= set(params["method"].split(","))
         subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
         assert subdir.startswith("${experiment_name}/")
-    # one job of the refine sweep: the sweep file comes after the experiment
-    job = compose_train(
-        [
-            f"+experiment={dataset}_shine_refine",
-            "n_backward=2",
-            "+sweep=fig3_" + dataset + "_refine",
-        ]
-    )
-    assert job.backward.n_steps == 2 and job.task.backward.n_steps == 2
+    # one job of the refine sweep: the sweep file holds the experiment, the job its method
+    job = compose_train([f"+sweep=fig3_{dataset}_refine", "method=shine_refine", "n_backward=2"])
+    assert job.method.backward.n_steps == 2 and job.task.backward.n_steps == 2
     assert "fig3" in job.tags and job.experiment_name == f"{dataset}_shine_refine"
-    limited = compose_train([f"+experiment={dataset}_original_limited", "n_backward=1"])
+    limited = compose_train([f"+experiment={dataset}", "method=original_limited", "n_backward=1"])
     assert limited.task.backward.max_iter == 1
-    assert compose_train([f"+experiment={dataset}_jacobian_free_refine"]).backward.n_steps == 5
+    jf_refine = compose_train([f"+experiment={dataset}", "method=jacobian_free_refine"])
+    assert jf_refine.method.backward.n_steps == 5
 
 
 def test_new_experiments_have_their_tags():
@@ -366,10 +360,8 @@ def test_new_experiments_have_their_tags():
     assert list(cfg.task.backwards)[2:4] == ["shine_fallback", "shine_fallback_refine"]
     for dataset in ("digits", "cifar"):
         cfg = compose_train([f"+sweep=table_e3_{dataset}"], hydra_node=True)
-        assert cfg.hydra.sweeper.params["+experiment"] == (
-            f"{dataset}_shine_adjoint_broyden,{dataset}_shine_opa"
-        )
-    cfg = compose_train(["+experiment=digits_contractivity", "task.method_name=shine"])
+        assert cfg.hydra.sweeper.params["method"] == "shine_adjoint_broyden,shine_opa"
+    cfg = compose_train(["+experiment=digits_contractivity", "method=shine"])
     assert cfg.task.checkpoint.endswith("digits_shine/seed=0")
 
 
@@ -662,13 +654,13 @@ def test_train_py_deq_artefacts_end_to_end(tmp_path):
 
     quick = ["trainer.pretrain_steps=3", "task.max_steps=6", "task.eval_limit=1"]
     train("-m", "+sweep=fig3_digits_refine", "seed=0", "n_backward=1", *quick)
-    train("-m", "+sweep=fig3_digits", "seed=0", "+experiment=digits_shine", *quick)
+    train("-m", "+sweep=fig3_digits", "seed=0", "method=shine", *quick)
     train("+experiment=digits_timing", "task.n_batches=2", "task.warmup=0")
     # runs/sweeps/fig3_digits/digits_shine/<overrides>/seed=0
     (shine_run,) = (runs / "sweeps" / "fig3_digits" / "digits_shine").rglob("seed=0")
     train(
         "+experiment=digits_contractivity",
-        "task.method_name=shine",
+        "method=shine",
         # a path holding "=" is quoted for Hydra's override parser
         f"task.checkpoint='{shine_run}'",
         "task.n_images=8",

@@ -105,7 +105,7 @@ def run_train(args, runs: Path, timeout: float = 300) -> subprocess.CompletedPro
 
 def test_classification_on_cuda_times_synchronised_steps_and_reports_memory(tmp_path):
     runs = tmp_path / "runs"
-    args = ["+experiment=digits_shine", "trainer.device=cuda", "trainer.epochs=1"]
+    args = ["+experiment=digits", "method=shine", "trainer.device=cuda", "trainer.epochs=1"]
     args += ["trainer.pretrain_steps=4", "task.eval_limit=64"]
     proc = run_train(args, runs)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -119,7 +119,7 @@ def test_classification_on_cuda_times_synchronised_steps_and_reports_memory(tmp_
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL data parallelism needs 2 GPUs")
 def test_nccl_data_parallel_matches_one_process(tmp_path):
     runs = tmp_path / "runs"
-    args = ["+experiment=digits_shine", "trainer.device=cuda", "trainer.epochs=1"]
+    args = ["+experiment=digits", "method=shine", "trainer.device=cuda", "trainer.epochs=1"]
     args += ["trainer.pretrain_steps=4", "task.eval_limit=64"]
     one = run_train(args, runs / "one")
     assert one.returncode == 0, one.stderr[-3000:]

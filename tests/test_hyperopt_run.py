@@ -95,23 +95,25 @@ def train(args: list[str], log_dir: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_train_py_runs_an_experiment_and_skips_it_when_complete(tmp_path):
-    proc = train(["+experiment=breast_cancer_shine", "method.max_iter=4"], tmp_path)
+    proc = train(["+experiment=breast_cancer", "method=shine", "method.max_iter=4"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "breast_cancer_shine" / "method.max_iter=4" / "seed=0"
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 5
     summary = json.loads((run / "summary.json").read_text())
     assert RunDirectory.final_metrics(summary)["method"] == "shine"
-    proc = train(["+experiment=breast_cancer_shine", "method.max_iter=4"], tmp_path)
+    proc = train(["+experiment=breast_cancer", "method=shine", "method.max_iter=4"], tmp_path)
     assert "already complete" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
-def test_multirun_over_experiments_gives_each_its_own_directory(tmp_path):
-    # without a sweep file the sweep folder is "adhoc": two experiments with the same other
-    # overrides must not share a run directory (the second would skip as "already complete")
-    experiments = "+experiment=breast_cancer_shine,breast_cancer_jacobian_free"
-    proc = train(["-m", experiments, "seed=3"], tmp_path)
+def test_multirun_over_methods_gives_each_its_own_directory(tmp_path):
+    # without a sweep file the sweep folder is "adhoc": two methods of one experiment with the
+    # same other overrides must not share a run directory (the second would skip as "already
+    # complete"): each is <experiment>_<method>
+    proc = train(
+        ["-m", "+experiment=breast_cancer", "method=shine,jacobian_free", "seed=3"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already complete" not in proc.stdout + proc.stderr
     summaries = sorted((tmp_path / "sweeps" / "adhoc").glob("*/*/summary.json"))
@@ -132,7 +134,7 @@ def test_sweep_writes_one_run_per_method_and_seed(tmp_path):
     methods = sorted(json.loads(p.read_text())["method"] for p in summaries)
     assert methods == ["grid_search", "grid_search", "shine", "shine"]
     names = sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in summaries)
-    assert names[0] == "method=grid_search/seed=0"
+    assert names[0] == "grid_search/seed=0"
     # the artefact pipeline: collect the sweep into a table, draw the figure from it
     out, figs = tmp_path / "experiments", tmp_path / "figures"
     for cmd in (

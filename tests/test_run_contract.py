@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (the harness under test)
 
 EXIT = train.EXIT_CODES
-BREAST = ["+experiment=breast_cancer_shine", "seed=0"]
+BREAST = ["+experiment=breast_cancer", "method=shine", "seed=0"]
 
 
 def launch(args, runs: Path, **kw) -> subprocess.Popen:
@@ -116,7 +116,7 @@ def test_holder_on_another_host_is_respected_until_its_heartbeat_is_stale(tmp_pa
 
 def test_two_launches_of_one_command_do_not_interleave(tmp_path):
     runs = tmp_path / "runs"
-    args = ["+experiment=digits_shine", "trainer.epochs=1", "trainer.pretrain_steps=4"]
+    args = ["+experiment=digits", "method=shine", "trainer.epochs=1", "trainer.pretrain_steps=4"]
     args += ["trainer.checkpoint_every=5", "task.eval_limit=64"]
     first = launch(args, runs)
     run = runs / "digits_shine" / "task.eval_limit=64,trainer.epochs=1,trainer.pretrain_steps=4"
@@ -186,15 +186,58 @@ def test_config_diff_ignores_the_result_neutral_keys():
     assert config_diff(a, {**b, "seed": 1}) != []
 
 
-def test_summary_method_is_what_the_configs_build(tmp_path):
+def test_summary_method_is_the_method_choice(caplog):
+    # the one method choice names the summary's method; a disagreeing hand-written name is
+    # replaced (with a warning), in the task and in the method node alike
     cfg = train.OmegaConf.create(
         {"task": {"_target_": "shine.tasks.ImageClassification", "method_name": "shine"}}
     )
-    train.name_the_method(cfg, {"solver": "broyden", "backward": "shine_refine", "method": None})
-    assert cfg.task.method_name == "shine_refine"
-    cfg = train.OmegaConf.create({"task": {"_target_": "shine.tasks.HyperparameterOptimization"}})
-    train.name_the_method(cfg, {"method": "shine_opa"})
-    assert cfg.task.method_name == "shine_opa"
+    cfg.method = {"name": "shine"}
+    train.name_the_method(cfg, {"method": "shine_refine", "setting": "deq"})
+    assert cfg.task.method_name == "shine_refine" and cfg.method.name == "shine_refine"
+    assert "disagrees with the method choice method=shine_refine" in caplog.text
+    # the studies that compare methods inside their task have no method_name: untouched
+    cfg = train.OmegaConf.create({"task": {"_target_": "shine.tasks.deq_timing.DEQTiming"}})
+    train.name_the_method(cfg, {"method": "none"})
+    assert "method_name" not in cfg.task
+
+
+def test_a_method_experiment_without_a_method_is_refused_and_leaves_nothing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "+experiment=digits", f"paths.log_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == train.EXIT_CODES["usage"], proc.stderr[-2000:]
+    assert "add method=NAME, one of jacobian_free," in proc.stdout + proc.stderr
+    assert "shine_refine" in proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == [], "a refused run leaves no directory behind"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+trainer.max_step=3", "trainer.max_step is not a trainer setting"),
+        ("trainer.epochs=0", "trainer.epochs must be >= 1, got 0"),
+        ("trainer.f_tol=nan", "trainer.f_tol must be finite and > 0"),
+        ("trainer.batch_size=abc", "full_key: trainer.batch_size"),
+        ("trainer.max_step=3", "Could not override 'trainer.max_step'"),
+    ],
+)
+def test_bad_trainer_settings_are_refused_before_anything_is_built(tmp_path, override, message):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "+experiment=digits", "method=shine", override]
+        + [f"paths.log_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-2000:]
+    assert "Traceback" not in out
 
 
 # ------------------------------------------------------------------------------ divergence
@@ -276,7 +319,7 @@ def test_a_diverged_run_ends_as_diverged_and_says_so_again(tmp_path):
 def test_a_diverging_training_stops_without_crashing_the_summary(tmp_path):
     runs = tmp_path / "runs"
     # the settings of the report: NaN from step 17
-    args = ["+experiment=digits_shine", "optim.lr=1e8", "trainer.epochs=2"]
+    args = ["+experiment=digits", "method=shine", "optim.lr=1e8", "trainer.epochs=2"]
     args += ["trainer.pretrain_steps=20", "task.eval_limit=64"]
     res = run_train(args, runs)
     assert res.returncode == EXIT["diverged"], res.stdout[-3000:]
@@ -298,7 +341,7 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"step {step} not reached")
 
 
-DIGITS = ["+experiment=digits_shine", "trainer.epochs=2", "trainer.pretrain_steps=4"]
+DIGITS = ["+experiment=digits", "method=shine", "trainer.epochs=2", "trainer.pretrain_steps=4"]
 DIGITS += ["trainer.checkpoint_every=1000", "task.eval_limit=64"]
 
 

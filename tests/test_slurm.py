@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = ROOT / "slurm" / "train.sbatch"
 LAUNCHERS = ROOT / "configs" / "hydra" / "launcher"
 SLURM_PROFILES = ["slurm", "slurm_gpu4", "slurm_multinode"]
-EXPERIMENT = "+experiment=breast_cancer_shine"
+EXPERIMENT = ("+experiment=breast_cancer", "method=shine")
 
 
 def launcher_config(profile: str, env: dict[str, str] | None = None) -> dict:
@@ -42,7 +42,7 @@ def launcher_config(profile: str, env: dict[str, str] | None = None) -> dict:
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose(
                 "train",
-                overrides=[EXPERIMENT, f"hydra/launcher={profile}"],
+                overrides=[*EXPERIMENT, f"hydra/launcher={profile}"],
                 return_hydra_config=True,
             )
         launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
@@ -169,7 +169,7 @@ def test_profile_setup_exports_the_rendezvous_in_a_job(cluster, profile):
 @pytest.mark.slow
 def test_sbatch_script_runs_a_tiny_experiment(cluster, tmp_path):
     job_id, output = submit(
-        cluster, tmp_path, "tiny", EXPERIMENT, "method.max_iter=3", f"paths.log_dir={tmp_path}"
+        cluster, tmp_path, "tiny", *EXPERIMENT, "method.max_iter=3", f"paths.log_dir={tmp_path}"
     )
     text = finish(cluster, job_id, output)
     run = tmp_path / "breast_cancer_shine" / "method.max_iter=3" / "seed=0"
@@ -186,7 +186,7 @@ def test_submitit_launcher_runs_a_sweep_on_slurm(cluster, tmp_path):
         sys.executable,
         "train.py",
         "--multirun",
-        EXPERIMENT,
+        *EXPERIMENT,
         "method.max_iter=2",
         "seed=0,1",
         "hydra/launcher=slurm",
@@ -215,7 +215,7 @@ def test_submitit_launcher_runs_a_sweep_on_slurm(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_second_submission_resumes_an_interrupted_run(cluster, tmp_path):
-    common = (EXPERIMENT, "method.max_iter=4", f"paths.log_dir={tmp_path}")
+    common = (*EXPERIMENT, "method.max_iter=4", f"paths.log_dir={tmp_path}")
     run = tmp_path / "breast_cancer_shine" / "method.max_iter=4" / "seed=0"  # stop_after: neutral
     job_id, output = submit(cluster, tmp_path, "part1", *common, "task.trainer.stop_after=2")
     finish(cluster, job_id, output)
@@ -239,7 +239,7 @@ def test_time_limit_signal_requeues_the_job_which_resumes(cluster, tmp_path):
         cluster,
         tmp_path,
         "requeue",
-        EXPERIMENT,
+        *EXPERIMENT,
         f"method.max_iter={max_iter}",
         f"paths.log_dir={tmp_path}",
     )

@@ -58,8 +58,8 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         return candidate
     raise FileNotFoundError(
         f"no checkpoint at {p} (looked for the file and for {candidate}); train the model "
-        "first (e.g. `python train.py +experiment=digits_shine`) or pass task.checkpoint=null "
-        "to use the randomly initialised model"
+        "first (e.g. `python train.py +experiment=digits method=shine`) or pass "
+        "task.checkpoint=null to use the randomly initialised model"
     )
 
 
