@@ -42,6 +42,7 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -346,7 +347,15 @@ def _run_locked(cfg: DictConfig, info: DistInfo, run_dir: RunDirectory) -> None:
 
     apply_thread_policy(cfg)
     seed_everything(int(cfg.seed))
-    task = instantiate(cfg.task)
+    try:
+        task = instantiate(cfg.task)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, ValueError | TypeError):
+            raise
+        # a constructor refused a setting: the message names the class, the setting, its valid
+        # range and the config key (full_key); nothing has been loaded or written yet
+        log.error("invalid configuration: %s", err)
+        sys.exit(EXIT_CODES["usage"])
     if info.world_size > 1 and not hasattr(task, "distributed"):
         log.warning(
             "%s has no data parallelism: each of the %d processes runs all of it; only rank 0 "

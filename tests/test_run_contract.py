@@ -224,9 +224,10 @@ def test_a_method_experiment_without_a_method_is_refused_and_leaves_nothing(tmp_
         ("trainer.f_tol=nan", "trainer.f_tol must be finite and > 0"),
         ("trainer.batch_size=abc", "full_key: trainer.batch_size"),
         ("trainer.max_step=3", "Could not override 'trainer.max_step'"),
+        ("method.solver.max_iter=0", "solver.max_iter must be >= 1 to train a DEQ"),
     ],
 )
-def test_bad_trainer_settings_are_refused_before_anything_is_built(tmp_path, override, message):
+def test_bad_settings_are_refused_before_anything_is_built(tmp_path, override, message):
     proc = subprocess.run(
         [sys.executable, "train.py", "+experiment=digits", "method=shine", override]
         + [f"paths.log_dir={tmp_path}"],
@@ -238,6 +239,21 @@ def test_bad_trainer_settings_are_refused_before_anything_is_built(tmp_path, ove
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and message in out, out[-2000:]
     assert "Traceback" not in out
+    assert not list(tmp_path.rglob("metrics.jsonl")), "nothing ran"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.lambda0=nan", "lambda0 must be finite"),
+        ("method.max_iter=0", r"max_iter \(outer iterations\) must be >= 1"),
+        ("method.max_inner_iter=0", "max_inner_iter must be >= 1"),
+    ],
+)
+def test_bilevel_methods_refuse_bad_settings_when_built(override, message):
+    with pytest.raises(Exception, match=message) as err:
+        train.compose_task(["+experiment=breast_cancer", "method=shine", override])
+    assert "full_key: task.method" in str(err.value), "the error names the config key"
 
 
 # ------------------------------------------------------------------------------ divergence
@@ -304,13 +320,15 @@ def test_nonfinite_sees_lists_and_logged_nulls():
 
 def test_a_diverged_run_ends_as_diverged_and_says_so_again(tmp_path):
     runs = tmp_path / "runs"
-    res = run_train([*BREAST, "method.lambda0=nan"], runs)
+    # a finite start whose regularisation e^800 overflows float64: NaN at the first step (a
+    # non-finite lambda0 itself is refused when HOAG is built)
+    res = run_train([*BREAST, "method.lambda0=800"], runs)
     assert res.returncode == EXIT["diverged"], res.stdout[-2000:]
-    run = runs / "breast_cancer_shine" / "method.lambda0=nan" / "seed=0"
+    run = runs / "breast_cancer_shine" / "method.lambda0=800" / "seed=0"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["status_details"]["step"] == 1
     assert "nan" in summary["status_details"]["cause"].lower()
-    again = run_train([*BREAST, "method.lambda0=nan"], runs)
+    again = run_train([*BREAST, "method.lambda0=800"], runs)
     assert again.returncode == EXIT["diverged"]
     assert "diverged at step 1" in again.stdout and "overwrite=true" in again.stdout
 

@@ -397,8 +397,12 @@ class HOAG:
             )
         if self.bounds[0] >= self.bounds[1]:
             raise ValueError(f"bounds must be (low, high) with low < high, got {self.bounds}")
-        if self.max_iter < 0:
-            raise ValueError(f"max_iter must be >= 0, got {self.max_iter}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter (outer iterations) must be >= 1, got {self.max_iter}")
+        if self.max_inner_iter < 1:
+            raise ValueError(f"max_inner_iter must be >= 1, got {self.max_inner_iter}")
+        if not math.isfinite(self.lambda0):
+            raise ValueError(f"lambda0 must be finite, got {self.lambda0}")
         if self.opa_countdown < 1:
             raise ValueError(f"opa_countdown must be >= 1, got {self.opa_countdown}")
         for name, choices in _CHOICES.items():

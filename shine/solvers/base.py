@@ -135,7 +135,13 @@ class SolverResult:
 
 
 class RootSolver(Protocol):
-    """A solver of ``g(z) = 0`` on a batch: ``solver(g, z0) -> SolverResult``."""
+    """A solver of ``g(z) = 0`` on a batch: ``solver(g, z0) -> SolverResult``.
+
+    Attributes:
+        max_iter: the iteration budget (``0`` returns ``z0``).
+    """
+
+    max_iter: int
 
     def __call__(self, g: ResidualFn, z0: Tensor, **kwargs: Any) -> SolverResult:
         """Solve ``g(z) = 0`` from ``z0`` of shape ``(B, D)`` or ``(D,)``."""

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from shine.backward import BackwardStrategy
 from shine.runtime.devices import resolve_dtype
 from shine.runtime.distributed import DistInfo, detect_launch, init_distributed
 from shine.runtime.run_dir import RunDirectory
+from shine.solvers.base import RootSolver
 from shine.training.classification import ClassificationStepper, OptimizerFactory
 from shine.training.trainer import Trainer
 
@@ -69,10 +71,10 @@ class ImageClassification:
 
     data: Any
     model: Any
-    solver: Any
-    backward: Any
+    solver: RootSolver
+    backward: BackwardStrategy
     optimizer: OptimizerFactory
-    eval_solver: Any = None
+    eval_solver: RootSolver | None = None
     epochs: int = 1
     batch_size: int = 128
     pretrain_steps: int = 0
@@ -88,6 +90,22 @@ class ImageClassification:
     max_steps: int | None = None
     trainer: Trainer = field(default_factory=lambda: Trainer(checkpoint_every=50))
     distributed: bool | None = None
+
+    def __post_init__(self) -> None:
+        """Validate the schedule and the forward solver's budget (before any data is loaded).
+
+        Raises:
+            ValueError: naming the setting and its valid range.
+        """
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("pretrain_steps", 0)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        for name, solver in (("solver", self.solver), ("eval_solver", self.eval_solver)):
+            if solver is not None and solver.max_iter < 1:
+                raise ValueError(
+                    f"{name}.max_iter must be >= 1 to train a DEQ (0 iterations leave the "
+                    f"state at its initial value), got {solver.max_iter}"
+                )
 
     def distributed_info(self) -> DistInfo:
         """Join the process group if this run is data-parallel; this process's place in it."""
