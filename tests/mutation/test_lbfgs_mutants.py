@@ -79,3 +79,23 @@ def test_seed_with_too_many_good_pairs_after_rejections_and_a_single_pair():
     kept, inverse = ws.export()
     assert len(kept.kinds) == 1
     torch.testing.assert_close(inverse.matvec(y[2]), s[2], rtol=1e-10, atol=1e-12)  # secant
+
+
+def test_opa_schedules():
+    from shine.solvers import LBFGS
+
+    paper = LBFGS(opa_every=3, opa_schedule="paper")
+    authors = LBFGS(opa_every=3, opa_schedule="authors")
+    assert [n for n in range(10) if paper._opa_due(n)] == [0, 3, 6, 9]
+    # authors: 1-based k = n + 1 with k % 3 == 0 and k > 1
+    assert [n for n in range(10) if authors._opa_due(n)] == [2, 5, 8]
+    every_two = LBFGS(opa_every=2, opa_schedule="authors")
+    assert [n for n in range(6) if every_two._opa_due(n)] == [1, 3, 5]
+    every_one = LBFGS(opa_every=1, opa_schedule="authors")
+    assert [n for n in range(4) if every_one._opa_due(n)] == [1, 2, 3]  # not before k = 2
+
+
+def test_empty_memory():
+    memory = LBFGSMemory.empty(4, dtype=torch.float32)
+    assert memory.s.shape == (0, 4) and memory.s.dtype == torch.float32
+    assert memory.kinds == [] and memory.gamma == 1.0 and len(memory) == 0
