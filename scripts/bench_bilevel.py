@@ -120,7 +120,7 @@ def compose_task(experiment: str, overrides: list[str]) -> Any:
 # ---------------------------------------------------------------------------- part 1
 def bench_inner(dataset: str, quick: bool) -> dict[str, Any]:
     overrides = [f"dataset={dataset}", "seed=0"] + (quick_overrides() if quick else [])
-    task = compose_task("synthetic_news_hoag", overrides)
+    task = compose_task("synthetic_news", ["method=hoag", *overrides])
     problem, w0 = task.build()
     inner: L2Regularized = problem.inner
     cases = []
