@@ -12,16 +12,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
+MUTATION_STAMP := $(VENV)/.installed-mutation
 # the stamps hold the checksum of the pyproject.toml they were installed from (content, not
 # mtime: a fresh clone or checkout does not trigger a re-install)
 PYPROJECT_SUM := $(shell cksum < pyproject.toml)
 comma := ,
 RUNS := $(or $(SHINE_RUNS),runs)
 PYTEST_ARGS ?=
+# `make mutation PACKAGES=shine/backward` (folders or module files) restricts the mutation run
+PACKAGES ?= shine/solvers shine/backward shine/deq shine/bilevel
 
 OPA_RUN := $(RUNS)/opa_inversion/seed=0
 
-.PHONY: help venv bench-venv test test-gpu test-quick demo bench bench-core bench-bilevel bench-deq sweeps-bilevel collect lint format figures clean
+.PHONY: help venv bench-venv mutation-venv mutation test test-gpu test-quick demo bench bench-core bench-bilevel bench-deq sweeps-bilevel collect lint format figures clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,6 +78,15 @@ bench-bilevel: venv ## inner L-BFGS vs SciPy, time to 1 %/0.1 % per HOAG method,
 
 bench-deq: venv ## Table E.2 protocol on the CIFAR-LARGE MDEQ: fwd/bwd per method, SHINE memory, ~3 min (scripts/bench_deq.py)
 	$(PY) scripts/bench_deq.py
+
+mutation-venv: venv
+	$(call install,dev$(comma)mutation,$(MUTATION_STAMP))
+
+# mutmut 3 runs on a `git archive` of HEAD (commit first) in $(RUNS)/mutation/work; its cache
+# there makes a rerun re-test only the changed functions. Exit status 1 below 95 % killed.
+mutation: mutation-venv ## mutation testing (mutmut) of solvers/backward/deq/bilevel vs the quick tests: report in runs/mutation/ (first full run ~1 h on 2 cores, reruns only re-test changed functions; PACKAGES=shine/deq restricts)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} nice -n 10 $(PY) tests/mutation/run.py \
+		--packages $(PACKAGES) --out $(RUNS)/mutation
 
 # Bi-level sweeps that run offline (the 20news-sized synthetic set, breast cancer), with the
 # authors' algorithm (faithful) and ours (robust); the paper's data sets are the same commands
