@@ -138,6 +138,8 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
                 status = "equivalent" if add_messages else status
             if status == "survived":
                 survivors.append((name, diff))
+        elif status == "no tests":
+            survivors.append((f"{name} (no selected test executes it)", diff_of(work, name)))
         rows.setdefault(package_of(name), Counter())[status] += 1
     if add_messages and new_messages:
         with EQUIVALENT.open("a", encoding="utf-8") as f:
@@ -150,7 +152,8 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
     other = lambda c: sum(v for k, v in c.items() if k not in columns)  # noqa: E731
 
     def fraction(c: Counter) -> float:
-        relevant = c["killed"] + c["survived"] + c["timeout"]  # timeouts count as killed
+        # timeouts count as killed; mutants no selected test executes ("no tests") as survivors
+        relevant = c["killed"] + c["survived"] + c["timeout"] + c["no tests"]
         return (c["killed"] + c["timeout"]) / relevant if relevant else float("nan")
 
     lines = [
@@ -160,8 +163,9 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
         f"last run {meta.get('run_s', 'n/a')} s for {meta.get('tested', 'n/a')} mutants "
         f"({meta.get('rate', 'n/a')} mutants/s)",
         "",
-        "killed fraction = (killed + timeout) / (killed + timeout + survived); equivalent "
-        "mutants (tests/mutation/equivalent.txt) are left out",
+        "killed fraction = (killed + timeout) / (killed + timeout + survived + no tests); "
+        "equivalent mutants (tests/mutation/equivalent.txt) are left out; not checked ones "
+        "(run interrupted) too",
         "",
         "| package | " + " | ".join(columns) + " | other | killed fraction |",
         "|---" * (len(columns) + 3) + "|",
