@@ -51,7 +51,7 @@ def dense_fifo_replay(prob, zs, target, memory, opa_every, n_iter, direction):
     for n in range(n_iter):
         if opa_every is not None and n > 0 and n % opa_every == 0:
             H, w = H_now(), zs[n] - target
-            sigma = rmv(H, w) if direction == "paper" else mv(H, w)
+            sigma = rmv(H, w) if direction == "transpose" else mv(H, w)
             sigma = sigma / sigma.norm(dim=1, keepdim=True)
             push(dense_term(H, sigma, prob.jacobian(zs[n])))
         step_H.append(H_now())
@@ -61,7 +61,8 @@ def dense_fifo_replay(prob, zs, target, memory, opa_every, n_iter, direction):
 
 
 @pytest.mark.parametrize(
-    ("memory", "opa_every", "direction"), [(4, 2, "paper"), (3, 2, "official"), (4, 3, "paper")]
+    ("memory", "opa_every", "direction"),
+    [(4, 2, "transpose"), (3, 2, "as_is"), (4, 3, "transpose")],
 )
 def test_fifo_keeps_the_rank_one_terms_of_the_last_updates(memory, opa_every, direction):
     prob = make_problem(dim=6, batch=2, contraction=0.6, seed=1)
@@ -73,7 +74,7 @@ def test_fifo_keeps_the_rank_one_terms_of_the_last_updates(memory, opa_every, di
         tol=0.0,
         memory=memory,
         opa_every=opa_every,
-        opa_direction=direction,
+        opa_orientation=direction,
         memory_policy="fifo",
         inverse_at="last",
     )(rec, torch.zeros_like(prob.x), outer_grad=lambda z: z - target)

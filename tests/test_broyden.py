@@ -262,7 +262,7 @@ def test_adjoint_broyden_opa_update_secant_and_validation():
     assert res.stats.extra["vjps"] == 4.0
 
 
-@pytest.mark.parametrize("direction", ["paper", "official"])
+@pytest.mark.parametrize("direction", ["transpose", "as_is"])
 def test_opa_secant_condition_holds_right_after_the_extra_update(direction):
     prob = make_problem(dim=8, batch=2)
     target = torch.randn_like(prob.x)
@@ -271,7 +271,7 @@ def test_opa_secant_condition_holds_right_after_the_extra_update(direction):
         prob.g, torch.zeros_like(prob.x)
     )
     res = AdjointBroyden(
-        max_iter=3, tol=0.0, memory=10, opa_every=2, opa_direction=direction, inverse_at="last"
+        max_iter=3, tol=0.0, memory=10, opa_every=2, opa_orientation=direction, inverse_at="last"
     )(rec, torch.zeros_like(prob.x), outer_grad=lambda z: z - target)
     # columns in order: 2 regular updates, the OPA update at z_2, the regular update at z_3
     assert res.inverse.U.shape[1] == 4
@@ -279,7 +279,7 @@ def test_opa_secant_condition_holds_right_after_the_extra_update(direction):
     z2 = rec.zs[2]
     w = z2 - target
     H2 = before.inverse
-    v = H2.rmatvec(w) if direction == "paper" else H2.matvec(w)  # paper eq. 8: vᵀ = wᵀ H_2
+    v = H2.rmatvec(w) if direction == "transpose" else H2.matvec(w)  # paper eq. 8: vᵀ = wᵀ H_2
     jtv = torch.einsum("bji,bj->bi", prob.jacobian(z2), v)
     # extra secant condition vᵀ B_+ = vᵀ J(z_2)  <=>  H_+ᵀ J(z_2)ᵀ v = v
     torch.testing.assert_close(H_opa.rmatvec(jtv), v, rtol=1e-8, atol=1e-12)

@@ -32,7 +32,7 @@ def test_theorem4_adjoint_broyden_opa_converges_to_hypergradient():
 
     errs_opa = [shine_error(prob, run(n, opa_every=2), target) for n in (5, 10, 20)]
     err_no_opa = shine_error(prob, run(20), target)
-    err_official = shine_error(prob, run(20, opa_every=2, opa_direction="official"), target)
+    err_official = shine_error(prob, run(20, opa_every=2, opa_orientation="as_is"), target)
     err_broyden = shine_error(
         prob, Broyden(max_iter=20, tol=1e-14, memory=200)(prob.g, z0), target
     )

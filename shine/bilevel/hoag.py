@@ -242,7 +242,7 @@ def memory_from_state(state: dict[str, Any] | None) -> LBFGSMemory | None:
     return LBFGSMemory(state["s"], state["y"], list(state["kinds"]), float(state["gamma"]))
 
 
-OPADirectionKind = Literal["outer_gradient", "cross_derivative"]
+OPAVectorKind = Literal["outer_gradient", "cross_derivative"]
 StepRule = Literal["authors", "safeguarded"]
 ToleranceReference = Literal["aliased", "initial", "current"]
 EstimateKind = Literal["authors", "solver"]
@@ -336,8 +336,9 @@ class HOAG:
         warm_start_backward: start iterative backward solves from the previous solution.
         first_backward_start: ``"inner_solution"``: the first CG starts from ``q = w`` (the
             authors' code); ``"zero"``: from 0.
-        opa_direction: OPA direction of the inner solver: the outer gradient ``∇L(w)`` (the
-            authors' code, targets ``H ∇L`` used by SHINE) or ``∂_λ∇_w h = e^λ w`` (paper eq. 5).
+        opa_vector: the vector ``v`` the inner solver's OPA pairs target (its call argument
+            ``opa_direction``): the outer gradient ``∇L(w)`` (the authors' code, targets the
+            ``H ∇L`` used by SHINE) or ``∂_λ∇_w h = e^λ w`` (paper eq. 5).
         opa_schedule: ``"countdown"`` or ``"fixed"`` OPA frequency; ``None`` follows ``mode``.
         opa_countdown: the divisor of the countdown schedule (the authors' ``opa_freq_coef``: 1
             for logistic regression, 4 for NLS).
@@ -363,7 +364,7 @@ class HOAG:
     inner_memory: Literal["restart", "keep", "shift"] = "restart"
     warm_start_backward: bool = True
     first_backward_start: Literal["inner_solution", "zero"] = "inner_solution"
-    opa_direction: OPADirectionKind = "outer_gradient"
+    opa_vector: OPAVectorKind = "outer_gradient"
     opa_schedule: OPASchedule | None = None
     opa_countdown: int = 1
     bounds: tuple[float, float] = (-12.0, 12.0)
@@ -386,10 +387,10 @@ class HOAG:
                 "HOAG needs a backward strategy: e.g. Scheduled(IFT(method='cg')) for HOAG, "
                 "Shine(), JacobianFree() or Scheduled(Refine(Shine(), method='cg'), ...)"
             )
-        if self.opa_direction not in ("outer_gradient", "cross_derivative"):
+        if self.opa_vector not in ("outer_gradient", "cross_derivative"):
             raise ValueError(
-                "opa_direction must be 'outer_gradient' or 'cross_derivative', "
-                f"got {self.opa_direction!r}"
+                "opa_vector must be 'outer_gradient' or 'cross_derivative', "
+                f"got {self.opa_vector!r}"
             )
         if self.inner_memory not in ("restart", "keep", "shift"):
             raise ValueError(
@@ -573,7 +574,7 @@ class HOAGStepper:
     def _opa_direction(self, lam: Tensor) -> Callable[[Tensor], Tensor] | None:
         if self.cfg.solver.opa_every is None:
             return None
-        if self.cfg.opa_direction == "outer_gradient":
+        if self.cfg.opa_vector == "outer_gradient":
             return self.problem.outer.loss_grad
         inner = self.problem.inner
 

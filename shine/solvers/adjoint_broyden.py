@@ -13,7 +13,7 @@ OPA (paper §2.3, eq. 7-8): every ``M`` iterations an extra update is made at th
 along ``v_nᵀ = ∇L(z_n)ᵀ H_n`` (``v_n = H_nᵀ ∇L(z_n)``), so that ``v_nᵀ B_{n+1} = v_nᵀ J_g(z_n)``.
 Theorem 4 of the paper: the SHINE direction ``∇L(z_n)ᵀ H_n`` then converges to
 ``∇L(z*)ᵀ J_g(z*)^{-1}``. The authors' released code used ``H_n ∇L(z_n)`` instead (without the
-transpose); ``opa_direction="official"`` reproduces it.
+transpose); ``opa_orientation="as_is"`` reproduces it.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class AdjointBroyden:
         h0: initial matrix ``H0 = h0·I`` (``-1`` for DEQ residuals ``f(z) - z``).
         opa_every: frequency ``M`` of the OPA extra updates (at iterations ``n = M, 2M, ...``);
             ``None`` disables OPA.
-        opa_direction: ``"paper"``: ``v = Hᵀ ∇L`` (eq. 8); ``"official"``: ``v = H ∇L`` as in the
-            authors' code.
+        opa_orientation: ``"transpose"``: ``v = Hᵀ ∇L`` (eq. 8); ``"as_is"``: ``v = H ∇L``
+            (``H`` untransposed, as the authors' released code).
         memory_policy: policy once the memory is full (see ``LowRankMemory``).
         inverse_at: which estimate the result carries (see ``select_estimate``).
         noise_floor: a regular update along ``σ = g(z_{n+1})`` is skipped for the samples where
@@ -91,7 +91,7 @@ class AdjointBroyden:
     memory: int = 30
     h0: float = -1.0
     opa_every: int | None = None
-    opa_direction: Literal["paper", "official"] = "paper"
+    opa_orientation: Literal["transpose", "as_is"] = "transpose"
     memory_policy: MemoryPolicy = "fifo"
     inverse_at: InverseAt = "lowest"
     noise_floor: float = 10.0
@@ -108,9 +108,9 @@ class AdjointBroyden:
                 "AdjointBroyden with opa_every set needs the outer gradient: call "
                 "solver(g, z0, outer_grad=lambda z: dL/dz), or set opa_every=None"
             )
-        if self.opa_direction not in ("paper", "official"):
+        if self.opa_orientation not in ("transpose", "as_is"):
             raise ValueError(
-                f"opa_direction must be 'paper' or 'official', got {self.opa_direction!r}"
+                f"opa_orientation must be 'transpose' or 'as_is', got {self.opa_orientation!r}"
             )
         z, unbatched = as_batch(z0.detach())
         gfun = (lambda x: g(x.squeeze(0)).unsqueeze(0)) if unbatched else g
@@ -146,7 +146,7 @@ class AdjointBroyden:
                 w = ogfun(z).detach()
                 mem.make_room()
                 H = mem.estimate()
-                sigma = H.rmatvec(w) if self.opa_direction == "paper" else H.matvec(w)
+                sigma = H.rmatvec(w) if self.opa_orientation == "transpose" else H.matvec(w)
                 sigma = sigma / batch_norm(sigma).clamp_min(torch.finfo(z.dtype).tiny)[:, None]
                 u, v, done = adjoint_update(H, sigma, vjp(sigma, retain=True), active)
                 n_vjps += 1
