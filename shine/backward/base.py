@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from shine.solvers.base import ScaledIdentity, SolverResult, as_batch, batch_norm
+from shine.solvers.low_rank import LowRankInverse
 
 #: ``u -> J_g(z*)ᵀ u`` with ``u`` shaped like the right-hand side.
 VJPFn = Callable[[Tensor], Tensor]
@@ -99,10 +100,9 @@ def initial_scale(fwd: SolverResult) -> float:
         return -1.0
     if isinstance(inverse, ScaledIdentity):
         return float(inverse.scale)
-    h0 = getattr(inverse, "h0", None)
-    if h0 is not None:
-        return float(h0)
-    return 1.0
+    if isinstance(inverse, LowRankInverse):  # Broyden, adjoint Broyden
+        return float(inverse.h0)
+    return 1.0  # an L-BFGS inverse-Hessian estimate (the Jacobian-Free baseline is I)
 
 
 def cosine_and_ratio(u: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:

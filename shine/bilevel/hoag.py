@@ -91,7 +91,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -203,14 +203,9 @@ class Scheduled:
         return replace(self.strategy, **changes)  # type: ignore[type-var]
 
 
-class _AtTolerance(Protocol):
-    def at(self, eps: float) -> BackwardStrategy: ...
-
-
-def backward_at(backward: BackwardStrategy | _AtTolerance, eps: float) -> BackwardStrategy:
+def backward_at(backward: BackwardStrategy | Scheduled, eps: float) -> BackwardStrategy:
     """``backward.at(eps)`` for a :class:`Scheduled` strategy, else ``backward`` itself."""
-    at = getattr(backward, "at", None)
-    return at(eps) if callable(at) else backward  # type: ignore[return-value]
+    return backward.at(eps) if isinstance(backward, Scheduled) else backward
 
 
 @dataclass

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from shine.backward import JacobianFree, Shine, cosine_and_ratio
 from shine.runtime.run_dir import RunDirectory
+from shine.solvers import AdjointBroyden, Broyden
 from shine.tasks.deq_common import DEQTask, deq_inputs, progress_due, resumable
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class DEQInversion(DEQTask):
 
     data: Any
     model: Any
-    solvers: Mapping[str, Any]
+    solvers: Mapping[str, Broyden | AdjointBroyden]
     exact: Any
     methods: Sequence[str] = tuple(METHODS)
     checkpoint: Any = None
@@ -124,10 +125,7 @@ class DEQInversion(DEQTask):
                 raise ValueError(f"unknown method {method!r}; valid: {list(METHODS)}")
             if METHODS[method][0] not in self.solvers:
                 raise ValueError(f"method {method!r} needs solvers.{METHODS[method][0]}")
-        budgets = {
-            (getattr(s, "max_iter", None), repr(getattr(s, "tol", None)))
-            for s in self.solvers.values()
-        }
+        budgets = {(s.max_iter, repr(s.tol)) for s in self.solvers.values()}
         if len(budgets) > 1:  # the authors' eps bug: methods compared at different tolerances
             logger.warning("the forward solvers differ in max_iter / tol: %s", sorted(budgets))
 
@@ -147,7 +145,7 @@ class DEQInversion(DEQTask):
             if solver_key not in solves:
                 solver = self.solvers[solver_key]
                 model.deq.solver = solver
-                needs = getattr(solver, "opa_every", None) is not None
+                needs = isinstance(solver, AdjointBroyden) and solver.opa_every is not None
                 z_star, packer = model.deq.solve(u, z0, outer_grad=outer_grad if needs else None)
                 fwd = model.last_forward
                 leaf = z_star.detach().requires_grad_(True)
