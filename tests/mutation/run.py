@@ -71,6 +71,7 @@ def read_equivalent() -> dict[str, str]:
 
 
 _STRING = re.compile(r"""[rbfu]{0,2}("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""", re.IGNORECASE)
+_BARE = re.compile(r"""^\s*[rbfu]{0,2}["']""", re.IGNORECASE)
 _MESSAGE_LINE = re.compile(
     r"""^\s*(raise \w+\(|logger\.\w+\(|logging\.\w+\(|warnings\.warn\(|[rbfu]{0,2}["'])"""
 )
@@ -80,16 +81,19 @@ def is_message_mutant(diff: str) -> bool:
     """Whether the mutant only changes the text of an error / log / warning message.
 
     Rule: one line changed; the original line is a ``raise X(``, ``logger.*(``,
-    ``warnings.warn(`` call or a string literal on its own line (the continuation of such a
-    message: shine's sources put no other bare string lines in function bodies); and the two
+    ``warnings.warn(`` call or a line holding nothing but string literals (and a closing
+    ``,``/``)``: the continuation of such a message; not a dict key ``"k": v``); and the two
     lines are equal once every string literal (and a ``None`` replacing it) is blanked.
     """
     minus = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
     plus = [ln[1:] for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
     if len(minus) != 1 or len(plus) != 1 or not _MESSAGE_LINE.match(minus[0]):
         return False
-    blank = lambda s: re.sub(r"\bNone\b", "S", _STRING.sub("S", s))  # noqa: E731
-    return _STRING.search(minus[0]) is not None and blank(minus[0]) == blank(plus[0])
+    blank = lambda s: re.sub(r"\bNone\b", "S", _STRING.sub("S", s)).strip()  # noqa: E731
+    if _STRING.search(minus[0]) is None or blank(minus[0]) != blank(plus[0]):
+        return False
+    # a bare string line must hold nothing but the string(s): not a dict key `"k": v`
+    return not _BARE.match(minus[0]) or re.fullmatch(r"(S\s*)+[,)]*", blank(minus[0])) is not None
 
 
 def export_snapshot(ref: str, work: Path) -> str:
