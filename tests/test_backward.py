@@ -8,7 +8,16 @@ import pytest
 import torch
 from deq_problems import DT, make_problem
 
-from shine.backward import IFT, Diagnose, Fallback, JacobianFree, Refine, Shine
+from shine.backward import (
+    IFT,
+    BroydenAdjoint,
+    ConjugateGradientAdjoint,
+    Diagnose,
+    Fallback,
+    JacobianFree,
+    Refine,
+    Shine,
+)
 from shine.backward.base import AdjointResult, AdjointStats
 from shine.solvers import Anderson, Broyden
 from shine.solvers.base import ScaledIdentity, SolverResult, SolverStats
@@ -83,8 +92,13 @@ def test_refine_many_steps_converges_to_ift(setup):
     _, fwd, vjp, rhs, exact = setup
     for strat in (
         Refine(init=Shine(), n_steps=60, tol=1e-13),
-        Refine(init=JacobianFree(), n_steps=60, reuse_forward_estimate=False, tol=1e-13),
-        Refine(init=Shine(), n_steps=60, orientation="as_is", tol=1e-13),
+        Refine(init=JacobianFree(), n_steps=60, solver=BroydenAdjoint(), tol=1e-13),
+        Refine(
+            init=Shine(),
+            n_steps=60,
+            solver=BroydenAdjoint(initial_matrix="forward_as_is"),
+            tol=1e-13,
+        ),
     ):
         assert rel_err(strat(vjp, rhs, fwd).value, exact) < 1e-9
 
@@ -96,7 +110,10 @@ def test_refine_error_decreases_with_steps_and_transpose_beats_official(setup):
     ]
     assert errs[2] < errs[0]
     official = rel_err(
-        Refine(init=Shine(), n_steps=3, orientation="as_is")(vjp, rhs, fwd).value, exact
+        Refine(init=Shine(), n_steps=3, solver=BroydenAdjoint(initial_matrix="forward_as_is"))(
+            vjp, rhs, fwd
+        ).value,
+        exact,
     )
     assert errs[1] < official
 
@@ -104,8 +121,34 @@ def test_refine_error_decreases_with_steps_and_transpose_beats_official(setup):
 def test_refine_reuse_requires_broyden_estimate(setup):
     prob, _, vjp, rhs, _ = setup
     fwd = Anderson(max_iter=30, tol=1e-10)(prob.g, torch.zeros_like(prob.x))
-    with pytest.raises(ValueError, match="reuse_forward_estimate=False"):
+    with pytest.raises(ValueError, match="use initial_matrix='h0'"):
         Refine(init=JacobianFree(), n_steps=2)(vjp, rhs, fwd)
+    with pytest.raises(ValueError, match="initial_matrix must be"):
+        BroydenAdjoint(initial_matrix="transpose")
+
+
+def test_adjoint_solver_objects_solve_the_adjoint_system(setup):
+    # IFT with the Broyden adjoint solver reaches J_g^{-T} rhs on the DEQ problem; with CG on a
+    # symmetric positive definite system (CG's domain: HOAG's inner Hessian)
+    _, fwd, vjp, rhs, exact = setup
+    u = IFT(max_iter=80, tol=1e-12, solver=BroydenAdjoint())(vjp, rhs, fwd).value
+    assert rel_err(u, exact) < 1e-8
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, dtype=DT, generator=gen)
+    spd = a @ a.T + 6 * torch.eye(6, dtype=DT)
+    b = torch.randn(6, dtype=DT, generator=gen)
+    none = SolverResult(torch.zeros(6, dtype=DT), fwd.stats)  # CG reads no forward result
+    cg = IFT(max_iter=50, tol=1e-13, solver=ConjugateGradientAdjoint())
+    u_cg = cg(lambda w: spd @ w, b, none).value
+    assert torch.allclose(u_cg, torch.linalg.solve(spd, b), atol=1e-10)
+    # two Broyden steps from the forward estimate beat two from h0 (the refine of §2.1)
+    two = {
+        m: Refine(JacobianFree(), n_steps=2, solver=BroydenAdjoint(initial_matrix=m))(
+            vjp, rhs, fwd
+        ).value
+        for m in ("h0", "forward")
+    }
+    assert rel_err(two["forward"], exact) < 0.5 * rel_err(two["h0"], exact)
 
 
 @dataclass(frozen=True)

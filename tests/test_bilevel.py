@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 
-from shine.backward import IFT, JacobianFree, Refine, Shine
+from shine.backward import IFT, ConjugateGradientAdjoint, JacobianFree, Refine, Shine
 from shine.bilevel import (
     HOAG,
     BilevelProblem,
@@ -21,6 +21,8 @@ from shine.bilevel import (
     ToleranceSchedule,
 )
 from shine.solvers import LBFGS
+
+CG = ConjugateGradientAdjoint()
 
 DT = torch.float64
 
@@ -187,10 +189,10 @@ def test_hoag_cg_and_long_refine_give_the_exact_hypergradient(loss):
     w = solve_exact(problem, lam)
     hess = problem.inner.hessian(w, lam)
     exact = -problem.inner.cross_vjp(w, lam, torch.linalg.solve(hess, problem.outer.loss_grad(w)))
-    hoag = HOAG(backward=Scheduled(IFT(method="cg", max_iter=500)), tolerance=TIGHT)
+    hoag = HOAG(backward=Scheduled(IFT(solver=CG, max_iter=500)), tolerance=TIGHT)
     refine = HOAG(
         backward=Scheduled(
-            Refine(init=Shine(), method="cg", reuse_forward_estimate=False, n_steps=0),
+            Refine(init=Shine(), solver=CG, n_steps=0),
             steps_field="n_steps",
             min_steps=200,
         ),
@@ -236,7 +238,7 @@ def test_group_hypergradient_matches_the_exact_one():
     w = solve_exact(problem, lam)
     q = torch.linalg.solve(problem.inner.hessian(w, lam), problem.outer.loss_grad(w))
     exact = -problem.inner.cross_vjp(w, lam, q)
-    method = HOAG(backward=Scheduled(IFT(method="cg", max_iter=500)), tolerance=TIGHT, max_iter=1)
+    method = HOAG(backward=Scheduled(IFT(solver=CG, max_iter=500)), tolerance=TIGHT, max_iter=1)
     stepper = method.stepper(problem, torch.zeros(10, dtype=DT))
     stepper.lam = lam.clone()
     stepper.old_lam = lam.clone()
@@ -259,8 +261,8 @@ def test_tolerance_schedule():
 
 
 def test_scheduled_backward_follows_the_tolerance():
-    sched = Scheduled(IFT(method="cg", max_iter=9), steps_field="max_iter", min_steps=5)
-    assert sched.at(1e-2) == IFT(method="cg", max_iter=5, tol=1e-2)
+    sched = Scheduled(IFT(solver=CG, max_iter=9), steps_field="max_iter", min_steps=5)
+    assert sched.at(1e-2) == IFT(solver=CG, max_iter=5, tol=1e-2)
     assert sched.at(1e-6).max_iter == 10  # floor(1 / (100 * 1e-3))
     with pytest.raises(ValueError, match="no field 'n_steps'"):
         Scheduled(IFT(), steps_field="n_steps").at(1e-3)
@@ -268,7 +270,7 @@ def test_scheduled_backward_follows_the_tolerance():
 
 def test_faithful_hoag_first_step_is_the_authors_double_step_and_eps_decreases():
     problem = make_problem()
-    method = HOAG(backward=Scheduled(IFT(method="cg", max_iter=200)), max_iter=6)
+    method = HOAG(backward=Scheduled(IFT(solver=CG, max_iter=200)), max_iter=6)
     stepper = method.stepper(problem, torch.zeros(10, dtype=DT))
     m = stepper.step()
     # L = |grad| on the first iteration and the accepted step is taken twice: |Δλ| = 2
@@ -284,7 +286,7 @@ def test_faithful_hoag_first_step_is_the_authors_double_step_and_eps_decreases()
 
 def test_faithful_rejection_restores_lambda_doubles_l_and_halves_eps():
     problem = make_problem()
-    method = HOAG(backward=Scheduled(IFT(method="cg", max_iter=200)), max_iter=3)
+    method = HOAG(backward=Scheduled(IFT(solver=CG, max_iter=200)), max_iter=3)
     stepper = method.stepper(problem, torch.zeros(10, dtype=DT))
     stepper.step()
     stepper.g_old = 1e-9  # the next outer loss will look 20 % worse than the previous one
@@ -301,7 +303,7 @@ def test_robust_hoag_converges_to_the_outer_optimum_without_oscillation():
     grid = torch.linspace(-4, 3, 71, dtype=DT)
     values = [float(problem.outer.loss(solve_exact(problem, lam))) for lam in grid]
     best = float(grid[int(torch.tensor(values).argmin())])
-    method = HOAG(backward=Scheduled(IFT(method="cg", max_iter=500)), mode="robust", max_iter=25)
+    method = HOAG(backward=Scheduled(IFT(solver=CG, max_iter=500)), mode="robust", max_iter=25)
     stepper = method.stepper(problem, torch.zeros(10, dtype=DT))
     lams = [stepper.step()["log_lambda"][0] for _ in range(25)]
     steps = [abs(b - a) for a, b in zip(lams, lams[1:], strict=False)]
@@ -367,7 +369,7 @@ def test_robust_rejection_returns_to_the_accepted_point_and_recomputes_there():
         """A wrong hypergradient (the exact one negated): every step goes uphill."""
 
         def __call__(self, vjp, rhs, fwd, *, u0=None):
-            out = IFT(method="cg", max_iter=200, tol=1e-10)(vjp, rhs, fwd)
+            out = IFT(solver=CG, max_iter=200, tol=1e-10)(vjp, rhs, fwd)
             out.value = -out.value
             return out
 

@@ -9,7 +9,7 @@ import torch
 from deq_problems import DT, TanhMap
 from torch import nn
 
-from shine.backward import IFT, Fallback, JacobianFree, Refine, Shine
+from shine.backward import IFT, BroydenAdjoint, Fallback, JacobianFree, Refine, Shine
 from shine.deq import DEQLayer, StatePacker
 from shine.solvers import AdjointBroyden, Anderson, Broyden, FixedPoint
 
@@ -73,7 +73,7 @@ def test_ift_matches_exact_and_unrolled(problem):
         (Shine(), 0.1),
         (JacobianFree(), 0.2),
         (Refine(init=Shine(), n_steps=5), 1e-9),
-        (Refine(init=JacobianFree(), n_steps=5, reuse_forward_estimate=False), 1e-5),
+        (Refine(init=JacobianFree(), n_steps=5, solver=BroydenAdjoint()), 1e-5),
         (Refine(init=Shine(), n_steps=60, tol=1e-13), 1e-12),
         (Fallback(primary=Shine(), fallback=JacobianFree(), ratio=1.3), 0.1),
         (IFT(max_iter=3), 1e-2),

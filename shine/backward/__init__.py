@@ -14,6 +14,9 @@ from shine.backward.base import (
 )
 from shine.backward.strategies import (
     IFT,
+    AdjointSolver,
+    BroydenAdjoint,
+    ConjugateGradientAdjoint,
     Diagnose,
     Fallback,
     JacobianFree,
@@ -25,8 +28,11 @@ from shine.backward.strategies import (
 __all__ = [
     "IFT",
     "AdjointResult",
+    "AdjointSolver",
     "AdjointStats",
     "BackwardStrategy",
+    "BroydenAdjoint",
+    "ConjugateGradientAdjoint",
     "Diagnose",
     "Fallback",
     "JacobianFree",

@@ -2,12 +2,14 @@
 
 All solve ``uᵀ J_g(z*) = rhsᵀ`` (see :mod:`shine.backward.base`):
 
-* :class:`IFT` - iterative solve with VJPs (Broyden, or CG for symmetric ``J_g``): the "original"
-  backward of DEQs / HOAG; with a small ``max_iter`` the "original limited backprop".
+* :class:`IFT` - iterative solve with VJPs by an adjoint solver object (:class:`BroydenAdjoint`,
+  or :class:`ConjugateGradientAdjoint` for symmetric ``J_g``): the "original" backward of DEQs /
+  HOAG; with a small ``max_iter`` the "original limited backprop".
 * :class:`JacobianFree` - ``J_g^{-1} ≈ H0`` (Fung et al. 2021): ``u = H0ᵀ rhs``.
 * :class:`Shine` - ``J_g^{-1} ≈ H``, the forward quasi-Newton estimate: ``u = Hᵀ rhs`` (eq. 4).
-* :class:`Refine` - a few iterations of the iterative solve warm-started from another strategy,
-  optionally with the forward estimate (transposed) as initial matrix ("refine", §2.1).
+* :class:`Refine` - a few iterations of an adjoint solver warm-started from another strategy;
+  ``BroydenAdjoint(initial_matrix="forward")`` starts them from the forward estimate (transposed)
+  ("refine", §2.1).
 * :class:`Fallback` - per sample, another strategy where ``‖u‖`` is suspicious (§3).
 * :class:`Diagnose` - any strategy, plus cosine / norm ratio to a reference solution.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -82,7 +84,7 @@ def solve_adjoint(
         if init_inverse is not None:
             raise ValueError(
                 "a quasi-Newton initial matrix can only seed a Broyden backward solve; "
-                "use method='broyden' or reuse_forward_estimate=False"
+                "use method='broyden' or init_inverse=None"
             )
         res = ConjugateGradient(max_iter=max_iter, tol=tol)(vjp, rhs, x0=u_start)
         n_vjps = res.stats.n_evals
@@ -138,6 +140,126 @@ class Shine:
         return AdjointResult(fwd.inverse.rmatvec(rhs), AdjointStats())
 
 
+class AdjointSolver(Protocol):
+    """An iterative solver of the adjoint system ``J_g(z*)ᵀ u = rhs``.
+
+    The inner solver of :class:`IFT` and :class:`Refine`.
+    """
+
+    def __call__(
+        self,
+        vjp: VJPFn,
+        rhs: Tensor,
+        fwd: SolverResult,
+        *,
+        u0: Tensor | None,
+        max_iter: int,
+        tol: float,
+    ) -> AdjointResult:
+        """Run at most ``max_iter`` iterations (VJPs) from ``u0`` (zero if ``None``).
+
+        A sample stops when ``‖J_gᵀu - rhs‖ <= tol·‖rhs‖``; ``fwd`` is the forward solve's
+        result (its inverse estimate and initial scale).
+        """
+        ...
+
+
+#: initial matrix of a Broyden adjoint solve; see :class:`BroydenAdjoint`
+InitialMatrix = Literal["h0", "forward", "forward_as_is"]
+
+
+@dataclass(frozen=True)
+class BroydenAdjoint:
+    """Broyden's method on ``J_gᵀ u = rhs`` (any ``J_g``; the DEQ backward of MDEQ).
+
+    Args:
+        memory: Broyden memory (default: the number of iterations).
+        initial_matrix: ``"h0"``: ``c·I`` with ``c`` the forward solver's initial scale;
+            ``"forward"``: the forward Broyden estimate transposed, ``Hᵀ ≈ J_g^{-T}`` (the
+            correct estimate of the adjoint system's inverse Jacobian: SHINE refine, §2.1);
+            ``"forward_as_is"``: ``H`` untransposed, as the authors' released code (ablation).
+            The last two need a Broyden-type forward estimate (:class:`LowRankInverse`).
+    """
+
+    memory: int | None = None
+    initial_matrix: InitialMatrix = "h0"
+
+    def __post_init__(self) -> None:
+        """Validate.
+
+        Raises:
+            ValueError: on an unknown ``initial_matrix`` or a memory below 1.
+        """
+        if self.initial_matrix not in ("h0", "forward", "forward_as_is"):
+            raise ValueError(
+                "initial_matrix must be 'h0', 'forward' or 'forward_as_is', got "
+                f"{self.initial_matrix!r}"
+            )
+        if self.memory is not None and self.memory < 1:
+            raise ValueError(f"memory must be None or >= 1, got {self.memory}")
+
+    def __call__(
+        self,
+        vjp: VJPFn,
+        rhs: Tensor,
+        fwd: SolverResult,
+        *,
+        u0: Tensor | None,
+        max_iter: int,
+        tol: float,
+    ) -> AdjointResult:
+        """Solve ``J_gᵀ u = rhs``; see the class docstring.
+
+        Raises:
+            ValueError: ``initial_matrix`` reuses the forward estimate and there is none of
+                Broyden type.
+        """
+        init_inverse = None
+        if self.initial_matrix != "h0":
+            if not isinstance(fwd.inverse, LowRankInverse):
+                raise ValueError(
+                    f"BroydenAdjoint(initial_matrix={self.initial_matrix!r}) needs a "
+                    f"Broyden-type forward estimate (got {type(fwd.inverse).__name__}); "
+                    "use initial_matrix='h0'"
+                )
+            est = fwd.inverse
+            init_inverse = est.transpose() if self.initial_matrix == "forward" else est
+        return solve_adjoint(
+            vjp,
+            rhs,
+            u0=u0,
+            max_iter=max_iter,
+            tol=tol,
+            method="broyden",
+            h0=initial_scale(fwd),
+            memory=self.memory,
+            init_inverse=init_inverse,
+        )
+
+
+@dataclass(frozen=True)
+class ConjugateGradientAdjoint:
+    """Conjugate gradient on ``J_gᵀ u = rhs`` for a symmetric positive definite ``J_g``.
+
+    The inner Hessian of a bi-level problem: HOAG's backward.
+    """
+
+    def __call__(
+        self,
+        vjp: VJPFn,
+        rhs: Tensor,
+        fwd: SolverResult,
+        *,
+        u0: Tensor | None,
+        max_iter: int,
+        tol: float,
+    ) -> AdjointResult:
+        """Solve ``J_gᵀ u = rhs`` by CG; ``fwd`` is not used."""
+        return solve_adjoint(
+            vjp, rhs, u0=u0, max_iter=max_iter, tol=tol, method="cg", h0=initial_scale(fwd)
+        )
+
+
 @dataclass(frozen=True)
 class IFT:
     """Iterative solve of the adjoint system (the "original" implicit backward).
@@ -145,58 +267,60 @@ class IFT:
     Args:
         max_iter: iterations (VJPs); a small value gives the paper's "original limited backprop".
         tol: relative tolerance ``‖J_gᵀu - rhs‖ <= tol·‖rhs‖`` per sample.
-        method: ``"broyden"`` (DEQs, as in MDEQ) or ``"cg"`` (symmetric Hessians, as in HOAG).
-        memory: Broyden memory (default ``max_iter``).
+        solver: the adjoint solver: :class:`BroydenAdjoint` (DEQs, as in MDEQ; from ``H0 = c·I``
+            with ``c`` the forward solver's initial scale) or :class:`ConjugateGradientAdjoint`
+            (symmetric Hessians, as in HOAG).
 
-    The Broyden solve starts from ``H0 = c·I`` with ``c`` the forward solver's initial scale, and
-    from ``u0`` when given (warm restart across outer iterations), else from zero.
+    The solve starts from ``u0`` when given (warm restart across outer iterations), else from
+    zero.
     """
 
     max_iter: int = 20
     tol: float = 1e-6
-    method: Method = "broyden"
-    memory: int | None = None
+    solver: AdjointSolver = field(default_factory=BroydenAdjoint)
+
+    def __post_init__(self) -> None:
+        """Validate.
+
+        Raises:
+            ValueError: on a negative ``max_iter`` or ``tol``.
+        """
+        if self.max_iter < 0 or self.tol < 0:
+            raise ValueError(f"need max_iter >= 0 and tol >= 0, got {self.max_iter}, {self.tol}")
 
     def __call__(
         self, vjp: VJPFn, rhs: Tensor, fwd: SolverResult, *, u0: Tensor | None = None
     ) -> AdjointResult:
         """Solve ``J_gᵀ u = rhs`` iteratively."""
-        return solve_adjoint(
-            vjp,
-            rhs,
-            u0=u0,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            method=self.method,
-            h0=initial_scale(fwd),
-            memory=self.memory,
-        )
+        return self.solver(vjp, rhs, fwd, u0=u0, max_iter=self.max_iter, tol=self.tol)
 
 
 @dataclass(frozen=True)
 class Refine:
-    """``n_steps`` iterations of the iterative adjoint solve, started from ``init``'s answer.
+    """``n_steps`` iterations of an adjoint solver, started from ``init``'s answer.
 
     Args:
         init: strategy giving the starting point (``Shine()`` or ``JacobianFree()``).
         n_steps: iterations (VJPs); ``0`` returns ``init``'s answer unchanged.
-        reuse_forward_estimate: start the backward Broyden from the forward estimate instead of
-            ``H0`` (requires a Broyden-type forward solver and ``method="broyden"``).
-        orientation: ``"transpose"``: initial matrix ``Hᵀ``, the correct estimate of the
-            adjoint system's inverse Jacobian ``J_g^{-T}``; ``"as_is"``: ``H`` untransposed, as
-            the authors' released code did (kept for ablation).
-        method: ``"broyden"`` or ``"cg"`` (HOAG-style refine; no estimate reuse).
+        solver: the adjoint solver; the default, ``BroydenAdjoint(initial_matrix="forward")``,
+            also starts from the forward estimate (SHINE refine); ``BroydenAdjoint()`` from
+            ``H0`` (Jacobian-Free refine); ``ConjugateGradientAdjoint()`` for HOAG-style refine.
         tol: relative tolerance to stop early (0 runs all ``n_steps``).
-        memory: additional Broyden memory (default ``n_steps``).
     """
 
     init: BackwardStrategy = field(default_factory=Shine)
     n_steps: int = 5
-    reuse_forward_estimate: bool = True
-    orientation: Literal["transpose", "as_is"] = "transpose"
-    method: Method = "broyden"
+    solver: AdjointSolver = field(default_factory=lambda: BroydenAdjoint(initial_matrix="forward"))
     tol: float = 0.0
-    memory: int | None = None
+
+    def __post_init__(self) -> None:
+        """Validate.
+
+        Raises:
+            ValueError: on a negative ``n_steps`` or ``tol``.
+        """
+        if self.n_steps < 0 or self.tol < 0:
+            raise ValueError(f"need n_steps >= 0 and tol >= 0, got {self.n_steps}, {self.tol}")
 
     def __call__(
         self, vjp: VJPFn, rhs: Tensor, fwd: SolverResult, *, u0: Tensor | None = None
@@ -205,30 +329,7 @@ class Refine:
         start = self.init(vjp, rhs, fwd, u0=u0)
         if self.n_steps <= 0:
             return start
-        init_inverse = None
-        if self.reuse_forward_estimate:
-            if not isinstance(fwd.inverse, LowRankInverse):
-                raise ValueError(
-                    "Refine(reuse_forward_estimate=True) needs a Broyden-type forward estimate "
-                    f"(got {type(fwd.inverse).__name__}); set reuse_forward_estimate=False"
-                )
-            if self.orientation not in ("transpose", "as_is"):
-                raise ValueError(
-                    f"orientation must be 'transpose' or 'as_is', got {self.orientation!r}"
-                )
-            est = fwd.inverse
-            init_inverse = est.transpose() if self.orientation == "transpose" else est
-        out = solve_adjoint(
-            vjp,
-            rhs,
-            u0=start.value,
-            max_iter=self.n_steps,
-            tol=self.tol,
-            method=self.method,
-            h0=initial_scale(fwd),
-            memory=self.memory or self.n_steps,
-            init_inverse=init_inverse,
-        )
+        out = self.solver(vjp, rhs, fwd, u0=start.value, max_iter=self.n_steps, tol=self.tol)
         out.stats.n_vjps += start.stats.n_vjps
         return out
 
@@ -300,4 +401,15 @@ class Diagnose:
         return out
 
 
-__all__ = ["IFT", "Diagnose", "Fallback", "JacobianFree", "Refine", "Shine", "solve_adjoint"]
+__all__ = [
+    "IFT",
+    "AdjointSolver",
+    "BroydenAdjoint",
+    "ConjugateGradientAdjoint",
+    "Diagnose",
+    "Fallback",
+    "JacobianFree",
+    "Refine",
+    "Shine",
+    "solve_adjoint",
+]

@@ -166,7 +166,8 @@ class Scheduled:
     authors' refine rule: 0 iterations while ``ε ≥ 1e-4``, then a few).
 
     Attributes:
-        strategy: e.g. ``IFT(method="cg")`` (HOAG) or ``Refine(Shine(), method="cg")``.
+        strategy: e.g. ``IFT(solver=ConjugateGradientAdjoint())`` (HOAG) or
+            ``Refine(Shine(), solver=ConjugateGradientAdjoint())``.
         tol_field: name of the tolerance field of ``strategy`` (``None``: not scheduled).
         steps_field: name of the iteration-count field (``"max_iter"``, ``"n_steps"``) or None.
         steps_scale: see above (100 in the authors' code).
@@ -379,8 +380,9 @@ class HOAG:
             raise ValueError(f"mode must be 'faithful' or 'robust', got {self.mode!r}")
         if self.backward is None:
             raise ValueError(
-                "HOAG needs a backward strategy: e.g. Scheduled(IFT(method='cg')) for HOAG, "
-                "Shine(), JacobianFree() or Scheduled(Refine(Shine(), method='cg'), ...)"
+                "HOAG needs a backward strategy: e.g. "
+                "Scheduled(IFT(solver=ConjugateGradientAdjoint())) for HOAG, Shine(), "
+                "JacobianFree() or Scheduled(Refine(Shine(), solver=ConjugateGradientAdjoint()))"
             )
         if self.opa_vector not in ("outer_gradient", "cross_derivative"):
             raise ValueError(

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from shine.backward import IFT, Diagnose, Fallback, JacobianFree, Refine
+from shine.backward import IFT, BroydenAdjoint, Diagnose, Fallback, JacobianFree, Refine
 from shine.backward.base import AdjointStats, initial_scale
 from shine.backward.strategies import solve_adjoint
 
@@ -108,9 +108,9 @@ def test_memory_defaults_to_the_iterations_and_is_passed_on():
     torch.testing.assert_close(default.value, explicit.value, rtol=0, atol=0)
     short = solve_adjoint(vjp, rhs, u0=None, max_iter=36, memory=4, **kw)
     assert not torch.allclose(short.value, default.value)
-    ift = IFT(max_iter=36, tol=0.0, memory=4)(vjp, rhs, NO_ESTIMATE)
+    ift = IFT(max_iter=36, tol=0.0, solver=BroydenAdjoint(memory=4))(vjp, rhs, NO_ESTIMATE)
     torch.testing.assert_close(ift.value, short.value, rtol=0, atol=0)
-    refine = Refine(init=JacobianFree(), n_steps=36, reuse_forward_estimate=False)
+    refine = Refine(init=JacobianFree(), n_steps=36, solver=BroydenAdjoint())
     out = refine(vjp, rhs, NO_ESTIMATE)
     start = -rhs  # JacobianFree with h0 = -1
     ref = solve_adjoint(vjp, rhs, u0=start, max_iter=36, memory=36, **kw)
@@ -137,15 +137,15 @@ def test_refine_starts_from_init_with_its_warm_start_and_adds_the_vjps():
     u_star = exact(rhs)
     init = IFT(max_iter=3, tol=1e-10)
     start = init(vjp, rhs, NO_ESTIMATE, u0=u_star)
-    out = Refine(init=init, n_steps=1, reuse_forward_estimate=False, tol=1e-10)(
+    out = Refine(init=init, n_steps=1, solver=BroydenAdjoint(), tol=1e-10)(
         vjp, rhs, NO_ESTIMATE, u0=u_star
     )
     torch.testing.assert_close(out.value, u_star, rtol=1e-9, atol=1e-12)
     assert out.stats.n_vjps == start.stats.n_vjps + 1
     cold = IFT(max_iter=3, tol=0.0)
-    none = Refine(init=cold, n_steps=0, reuse_forward_estimate=False)(vjp, rhs, NO_ESTIMATE)
+    none = Refine(init=cold, n_steps=0, solver=BroydenAdjoint())(vjp, rhs, NO_ESTIMATE)
     assert none.stats.nstep == 3 and none.stats.residual is not None  # init's result, as is
-    one = Refine(init=cold, n_steps=1, reuse_forward_estimate=False)(vjp, rhs, NO_ESTIMATE)
+    one = Refine(init=cold, n_steps=1, solver=BroydenAdjoint())(vjp, rhs, NO_ESTIMATE)
     assert one.stats.nstep == 1 and one.stats.n_vjps == 4 + 2  # evaluations: 1 + steps
     assert not torch.allclose(one.value, none.value)
 
