@@ -65,8 +65,14 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from timing_utils import TARGETS, first_within, median_or_nan, threshold, time_to_within
 
+from shine.analysis.time_to_target import (
+    TARGETS,
+    first_within,
+    median_or_nan,
+    threshold,
+    time_to_within,
+)
 from shine.bilevel import L2Regularized
 from shine.runtime import RunDirectory
 
@@ -111,7 +117,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def compose_task(experiment: str, overrides: list[str]) -> Any:
     """The task of ``+experiment=experiment`` with ``overrides``, built by train.py's code."""
-    sys.path.insert(0, str(ROOT))
     from train import compose_task as compose
 
     return compose([f"+experiment={experiment}", *overrides])

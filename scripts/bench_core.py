@@ -4,7 +4,8 @@
                                  [--threads N] [--expansion 5] [--quick] [--out PATH]
 
 On a DEQ whose ``f`` is an MDEQ-like multi-scale block of the MDEQ-CIFAR size (4 branches,
-32/64/128/256 channels at 32/16/8/4 pixels, ``d = 61,440``; see ``bench_models.py``):
+32/64/128/256 channels at 32/16/8/4 pixels, ``d = 61,440``; see
+``shine/analysis/bench_models.py``):
 
 * forward: a Broyden solve of ``DEQLayer.solve`` with ``tol = 0`` (all ``--iters`` iterations,
   ``memory = --iters``) against as many evaluations of ``f`` through the same packer as the solve
@@ -31,10 +32,7 @@ a measurement). All numbers go to a JSON file (``--out``, default
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,9 +41,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_models import CHANNELS, RESOLUTIONS, make_problem, state_dim
 
-from shine.backward import IFT, Fallback, JacobianFree, Refine, Shine
+from shine.analysis.bench import (
+    Times,
+    environment,
+    interleaved,
+    med,
+    ms,
+    per_round,
+    summarize_targets,
+    target,
+    write_json,
+)
+from shine.analysis.bench_models import CHANNELS, RESOLUTIONS, make_problem, state_dim
+from shine.backward import IFT, BroydenAdjoint, Fallback, JacobianFree, Refine, Shine
 from shine.deq import DEQLayer, StatePacker
 from shine.solvers.base import SolverResult
 from shine.solvers.broyden import Broyden
@@ -60,12 +69,10 @@ STRATEGIES: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "refine_shine": ("Refine(Shine, 5)", lambda a: Refine(Shine(), 5)),
     "refine_jf": (
         "Refine(JF, 5, no reuse)",
-        lambda a: Refine(JacobianFree(), 5, reuse_forward_estimate=False),
+        lambda a: Refine(JacobianFree(), 5, solver=BroydenAdjoint()),
     ),
     "ift": ("IFT({n}, tol=0)", lambda a: IFT(max_iter=a.ift_iters, tol=0.0)),
 }
-
-Times = dict[str, list[float]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,37 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.batch, args.iters, args.expansion, args.repeats, args.warmup = 1, 4, 1, 1, 0
     return args
-
-
-def interleaved(cases: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> Times:
-    """Times of each case over ``repeats`` rounds, after ``warmup`` untimed rounds.
-
-    A case returning a float has that time recorded (the part of it that it timed itself); any
-    other case has its wall time recorded. The cases of a round run back to back; their order
-    rotates from round to round.
-    """
-    names = list(cases)
-    times: Times = {k: [] for k in names}
-    for r in range(warmup + repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            recorded = cases[name]()
-            elapsed = recorded if isinstance(recorded, float) else time.perf_counter() - start
-            if r >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
-def per_round(times: Times, fn: Callable[[dict[str, float]], float]) -> tuple[float, float]:
-    """Median over the rounds of ``fn(times of the round)``, and ``fn`` of the fastest times."""
-    n = len(next(iter(times.values())))
-    values = [fn({k: v[r] for k, v in times.items()}) for r in range(n)]
-    return float(statistics.median(values)), fn({k: min(v) for k, v in times.items()})
-
-
-def med(xs: list[float]) -> float:
-    return float(statistics.median(xs))
 
 
 def load_torchdeq() -> tuple[Callable[..., Any] | None, str | None, str | None]:
@@ -331,28 +307,6 @@ def memory_report(args, f, x) -> dict[str, Any]:
     }
 
 
-def target(
-    name: str,
-    value: float | None,
-    op: str,
-    threshold: float,
-    fastest: float | None = None,
-    skip: str | None = None,
-) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": name, "value": value, "value_fastest": fastest}
-    entry.update(op=op, threshold=threshold)
-    if skip is not None or value is None:
-        entry.update(status="SKIP", reason=skip)
-    else:
-        ok = value <= threshold if op == "<=" else value >= threshold
-        entry["status"] = "PASS" if ok else "FAIL"
-    return entry
-
-
-def ms(t: float) -> str:
-    return f"{1e3 * t:8.2f} ms"
-
-
 def report(res: dict[str, Any]) -> None:
     cfg, env, fw, bw, mem = (res[k] for k in ("config", "env", "forward", "backward", "memory"))
     print(
@@ -428,36 +382,6 @@ def report(res: dict[str, Any]) -> None:
         f"\nsummary: {s['passed']}/{s['evaluated']} targets met, {s['skipped']} skipped"
         f" (failed: {', '.join(s['failed']) or 'none'}); {s['wall_s']:.0f} s; JSON: {res['out']}"
     )
-
-
-def environment(**extra: Any) -> dict[str, Any]:
-    """Versions and threads of this run, plus ``extra`` (the JSON's ``env`` block)."""
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        **extra,
-    }
-
-
-def summarize_targets(targets: list[dict[str, Any]], start: float) -> dict[str, Any]:
-    """Counts of passed / evaluated / skipped targets, the failed names and the wall time."""
-    evaluated = [t for t in targets if t["status"] != "SKIP"]
-    return {
-        "passed": sum(t["status"] == "PASS" for t in targets),
-        "evaluated": len(evaluated),
-        "skipped": len(targets) - len(evaluated),
-        "failed": [t["name"] for t in targets if t["status"] == "FAIL"],
-        "wall_s": time.perf_counter() - start,
-    }
-
-
-def write_json(res: dict[str, Any], out: Path) -> None:
-    """Write the benchmark's numbers to ``out`` (directories created)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_core import (
+
+from shine.analysis.bench import (
     environment,
     interleaved,
     med,
@@ -75,11 +76,10 @@ from bench_core import (
     target,
     write_json,
 )
-
+from shine.analysis.step_timing import timed_training_step
 from shine.backward import IFT, Fallback, JacobianFree, Refine, Shine
 from shine.tasks.deq_common import synchronize
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(os.environ.get("SHINE_RUNS", "runs")) / "bench" / "bench_deq.json"
 EXPERIMENT = "cifar_timing"
 #: the methods the targets compare (keys of the experiment's ``task.backwards``)
@@ -136,7 +136,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def compose_timing_task(args: argparse.Namespace) -> Any:
     """The ``cifar_timing`` task (model config, solver, methods) built by train.py's code."""
-    sys.path.insert(0, str(ROOT))
     from train import compose_task
 
     return compose_task(
@@ -250,41 +249,29 @@ def train_step(
     on a loaded machine, a load burst only ever slows a run down.
     """
     model.backward_strategy = strategy
-    model.zero_grad(set_to_none=True)
     cuda = device.type == "cuda"
-    synchronize(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    logits = model(x, targets=y, generator=gen)
-    synchronize(device)
-    t1 = time.perf_counter()
-    loss = F.cross_entropy(logits, y)
-    synchronize(device)
-    backward, implicit = [], []
-    for k in range(backward_repeats):
-        if k:
-            model.zero_grad(set_to_none=True)
-            synchronize(device)
-        t2 = time.perf_counter()
-        loss.backward(retain_graph=k < backward_repeats - 1)
-        synchronize(device)
-        backward.append(time.perf_counter() - t2)
-        implicit.append(float(model.last_backward_time or 0.0))
+    base: list[int] = []
+
+    def on_start() -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base.append(torch.cuda.memory_allocated(device))
+
+    step = timed_training_step(model, x, y, gen, device, backward_repeats, on_start)
+    backward, implicit = step.backward_s, step.implicit_s
     fwd, bwd = model.last_forward, model.last_backward
     rec: dict[str, Any] = {
-        "forward_s": t1 - t0,
+        "forward_s": step.forward_s,
         "backward_s": min(backward),
         "implicit_s": min(implicit),
         "backward_repeats_s": backward,
         "fwd_nstep": int(fwd.stats.nstep),
         "fwd_residual_max": float(fwd.stats.residual.max()),
         "bwd_n_vjps": int(bwd.stats.n_vjps),
-        "loss": float(loss.detach()),
+        "loss": float(step.loss),
     }
     if cuda:
-        rec["peak_step_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        rec["peak_step_bytes"] = torch.cuda.max_memory_allocated(device) - base[0]
     return rec
 
 

@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,8 +49,8 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import deq_results  # noqa: E402  (scripts/ is not a package)
+from shine.analysis import bilevel_results, deq_results
+from shine.analysis.tables import cell, to_csv_text, write_atomic
 
 logger = logging.getLogger("collect")
 
@@ -378,21 +376,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return deq_results.read_jsonl(path)
 
 
-def cell(value: Any) -> str:
-    """CSV text of a value: lists -> first component, ``None`` -> empty, floats -> repr."""
-    if isinstance(value, list | tuple):
-        value = value[0] if value else None
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else str(value)  # nan, inf, -inf
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
 def rows_of_run(run: Run, artefact: Artefact, name: str) -> list[dict[str, Any]]:
     """The rows of one run (raw values, not yet formatted)."""
     records = read_records(run.path / "metrics.jsonl")
@@ -484,27 +467,6 @@ def build_rows(
     return rows
 
 
-def to_csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """The CSV text (``\\n`` line endings) of ``rows``."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([cell(row.get(c)) for c in columns])
-    return buf.getvalue()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through ``<path>.tmp`` and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def seed_summary(rows: list[dict[str, Any]]) -> list[str]:
     """One line per (dataset, loss, method): number of seeds and of rows."""
     groups: dict[tuple, dict[str, Any]] = {}
@@ -565,22 +527,20 @@ def write_summary(name: str, table: Path) -> Path | None:
     """Rewrite the ``summary.csv`` beside ``table`` from it (bi-level figures, Fig. 3, Fig. E.3);
     ``None`` for the artefacts whose summaries are made by other scripts (the DEQ tables)."""
     if name in ("fig1", "fig_e1", "fig2_left", "fig_e2", "demo"):
-        import fig_bilevel
-
-        rows, _ = fig_bilevel.drop_diverged(fig_bilevel.read_table(table))
-        summary = fig_bilevel.summarize(rows, name)
-        return fig_bilevel.write_summary(summary, table.parent / "summary.csv")
+        rows, _ = bilevel_results.drop_diverged(bilevel_results.read_table(table))
+        summary = bilevel_results.summarize(rows, name)
+        return bilevel_results.write_summary(summary, table.parent / "summary.csv")
     if name in ("fig3", "fig_e3"):
-        import fig_deq
-
         rows = deq_results.read_table(table)
         stats = (
-            fig_deq.fig3_points(rows, "backward") if name == "fig3" else fig_deq.e3_summary(rows)
+            deq_results.fig3_points(rows, "backward")
+            if name == "fig3"
+            else deq_results.e3_summary(rows)
         )
         if not stats:
             return None
         path = table.parent / "summary.csv"
-        fig_deq.write_csv(path, stats, list(stats[0]))
+        deq_results.write_csv(path, stats, list(stats[0]))
         return path
     return None
 

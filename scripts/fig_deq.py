@@ -25,37 +25,30 @@ Exit codes: 0 done, 2 missing table or nothing to plot.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from deq_results import (
-    FAMILY_COLORS,
-    FAMILY_LABELS,
+from shine.analysis import methods
+from shine.analysis.deq_results import (
+    E3_METHODS,
+    FIG3_FAMILIES,
     FULL,
     MARKERS,
     PAPER_FIG3,
-    label,
+    e3_summary,
+    fig3_points,
+    n_key,
     read_table,
     to_float,
+    write_csv,
 )
-from plot_style import figure, save
+from shine.analysis.style import figure, save
 
 logger = logging.getLogger("fig_deq")
 
-FIG3_FAMILIES = ("original", "shine", "shine_fallback", "jacobian_free")
-E3_METHODS = {
-    "jacobian_free": ("Jacobian-Free", "#0072B2", "P"),
-    "shine_broyden": ("SHINE (Broyden)", "#D55E00", "s"),
-    "shine_adjoint_broyden": ("SHINE (adj. Broyden)", "#009E73", "^"),
-    "shine_adjoint_broyden_opa": ("SHINE (adj. Broyden, OPA)", "#CC79A7", "o"),
-}
 DATASET_TITLES = {"digits": "digits (tiny MDEQ)", "cifar": "CIFAR-10", "imagenet": "ImageNet"}
 
 
@@ -63,71 +56,9 @@ class FigureError(RuntimeError):
     """Missing table or nothing to plot."""
 
 
-def n_key(n: Any) -> tuple[int, float]:
-    """Sort key of an ``n`` cell: numbers first, ``full`` last."""
-    s = str(n)
-    return (1, math.inf) if s == FULL else (0, float(s))
-
-
 def n_label(n: str) -> str:
     """Legend entry of a marker."""
     return "full backward" if n == FULL else f"n = {n}"
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    """Write ``rows`` (formatted with ``%.6g``) as CSV."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        out = []
-        for c in columns:
-            v = row.get(c)
-            out.append(f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v)))
-        writer.writerow(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(buf.getvalue(), encoding="utf-8")
-
-
-def fig3_points(rows: list[dict[str, str]], x: str = "backward") -> list[dict[str, Any]]:
-    """Aggregate training rows per (dataset, family, n): mean/std top-1, median time, seeds."""
-    column = {"backward": "median_backward_ms", "implicit": "median_implicit_ms"}[x]
-    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
-    diverged = [r for r in rows if r.get("status") == "diverged"]
-    if diverged:
-        logger.warning(
-            "%d diverged run(s) left out of Fig. 3: %s",
-            len(diverged),
-            ", ".join(sorted(r.get("run_dir", "?") for r in diverged)),
-        )
-    for r in rows:
-        if r.get("kind") != "train" or r.get("family") not in FIG3_FAMILIES:
-            continue
-        if r.get("status") == "diverged":
-            continue
-        groups.setdefault((r["dataset"], r["family"], r["n"]), []).append(r)
-    points = []
-    for (dataset, family, n), rs in sorted(
-        groups.items(), key=lambda kv: (kv[0][:2], n_key(kv[0][2]))
-    ):
-        top1 = np.array([to_float(r["final_top1"]) for r in rs])
-        times = np.array([to_float(r[column]) for r in rs])
-        paper = PAPER_FIG3.get(dataset, {}).get((family, n))
-        points.append(
-            {
-                "dataset": dataset,
-                "family": family,
-                "n": n,
-                "label": label(family, n),
-                "seeds": len(rs),
-                "top1_mean": float(np.nanmean(top1)),
-                "top1_std": float(np.nanstd(top1)) if len(rs) > 1 else 0.0,
-                "backward_ms": float(np.nanmedian(times)),
-                "paper_top1": paper[0] if paper else None,
-                "paper_backward_ms": paper[1] if paper else None,
-            }
-        )
-    return points
 
 
 def log_axis(ax) -> None:
@@ -155,7 +86,7 @@ def _draw(ax, pts: list[dict[str, Any]], hollow: bool = False) -> None:
         fp = sorted((p for p in pts if p["family"] == fam), key=lambda p: n_key(p["n"]))
         if not fp:
             continue
-        color = FAMILY_COLORS[fam]
+        color = methods.color(fam)
         xs = [p["backward_ms"] for p in fp]
         ax.plot(
             xs, [p["top1_mean"] for p in fp], color=color, lw=0.8, alpha=0.3 if hollow else 0.6
@@ -205,7 +136,8 @@ def plot_fig3(points: list[dict[str, Any]], out: Path, x: str, paper: bool) -> l
     shown = points + [p for d in panels for p in paper_points(d)] if paper else points
     fams = [f for f in FIG3_FAMILIES if any(p["family"] == f for p in shown)]
     handles = [
-        Line2D([], [], color=FAMILY_COLORS[f], lw=1.5, label=FAMILY_LABELS[f]) for f in fams
+        Line2D([], [], color=methods.color(f), lw=1.5, label=methods.label(f, methods.DEQ))
+        for f in fams
     ]
     ns = sorted({str(p["n"]) for p in shown}, key=n_key)
     handles += [
@@ -224,7 +156,9 @@ def plot_fig_e3(rows: list[dict[str, str]], out: Path) -> list[Path]:
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = figure(ncols=len(datasets), height=2.8, width=3.6 * len(datasets))
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        for method, (name, color, marker) in E3_METHODS.items():
+        for method in E3_METHODS:
+            style = methods.method(method)
+            name, color, marker = style.label, style.color, style.marker
             rs = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
             if not rs:
                 continue
@@ -246,32 +180,6 @@ def plot_fig_e3(rows: list[dict[str, str]], out: Path) -> list[Path]:
         ax.set_title(DATASET_TITLES.get(dataset, dataset))
     axes[0][-1].legend(fontsize=6, loc="best", frameon=False)
     return save(fig, out / "fig_e3")
-
-
-def e3_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Per (dataset, method): batches, median / 10 % / 90 % of the cosine and of the ratio."""
-    out = []
-    for dataset in sorted({r["dataset"] for r in rows}):
-        for method in E3_METHODS:
-            rs = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
-            if not rs:
-                continue
-            cos = np.array([to_float(r["cos"]) for r in rs])
-            ratio = np.array([to_float(r["norm_ratio"]) for r in rs])
-            out.append(
-                {
-                    "dataset": dataset,
-                    "method": method,
-                    "batches": len(rs),
-                    "cos_median": float(np.nanmedian(cos)),
-                    "cos_q10": float(np.nanquantile(cos, 0.1)),
-                    "cos_q90": float(np.nanquantile(cos, 0.9)),
-                    "norm_ratio_median": float(np.nanmedian(ratio)),
-                    "norm_ratio_q10": float(np.nanquantile(ratio, 0.1)),
-                    "norm_ratio_q90": float(np.nanquantile(ratio, 0.9)),
-                }
-            )
-    return out
 
 
 def run(name: str, table: Path, out: Path, x: str = "backward", paper: bool = True) -> list[Path]:

@@ -18,10 +18,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from plot_style import COLORS, figure, save
+
+from shine.analysis.style import figure, save
 
 VARIANTS = {"no_opa": "L-BFGS (no OPA)", "opa": "L-BFGS + OPA"}
 DIRECTIONS = {"prescribed": "prescribed", "krylov": "Krylov", "random": "random"}
+#: one colour per direction (Okabe-Ito; the colours of SHINE, Jacobian-Free and grid search)
+DIRECTION_COLORS = {"prescribed": "#D55E00", "krylov": "#0072B2", "random": "#009E73"}
 DEFAULT_RUN = Path(os.environ.get("SHINE_RUNS", "runs")) / "opa_inversion" / "seed=0"
 
 
@@ -52,7 +55,7 @@ def plot(data, out: Path) -> list[Path]:
                 values["cos"],
                 s=6,
                 alpha=0.7,
-                color=COLORS[direction],
+                color=DIRECTION_COLORS[direction],
                 label=label,
             )
         ax.axhline(1.0, color="0.6", lw=0.5, zorder=0)

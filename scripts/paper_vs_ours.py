@@ -26,11 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import deq_results  # noqa: E402  (scripts/ is not a package)
-from collect import to_csv_text, write_atomic  # noqa: E402
-from deq_results import FULL, read_table, to_float  # noqa: E402
-from tables_deq import fmt_duration  # noqa: E402
+from shine.analysis import deq_results, methods
+from shine.analysis.deq_results import FULL, read_table, to_float
+from shine.analysis.tables import fmt_duration, to_csv_text, write_atomic
 
 PAPER = "paper"
 OURS = "ours"
@@ -270,7 +268,7 @@ def fig3_entries(exp: Path) -> list[Entry]:
     ref = "experiments/fig3/summary.csv"
     rows = read_table(exp / "fig3" / "summary.csv")
     top1, bwd = "top-1 (%)", "median backward (ms)"
-    families = list(deq_results.FAMILY_LABELS)
+    families = list(methods.DEQ_FAMILIES)
     order: dict[str, tuple[int, float]] = {}  # method label -> (family, n) rank
 
     def point(family: str, n: str) -> str:
@@ -332,7 +330,7 @@ def table_e1_entries(exp: Path) -> list[Entry]:
     ref = "experiments/table_e1/table.csv"
     entries = []
     for row in read_table(exp / "table_e1" / "table.csv"):
-        method, data = deq_results.FAMILY_LABELS.get(row["method"], row["method"]), row["dataset"]
+        method, data = methods.label(row["method"], methods.DEQ), row["dataset"]
         nl = "authors' nonlinear spectral radius"
         entries.append(
             Entry(

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from deq_results import (
+
+from shine.analysis.deq_results import (
     FULL,
     PAPER_TABLE_E1,
     PAPER_TABLE_E2,
@@ -46,6 +47,7 @@ from deq_results import (
     read_table,
     to_float,
 )
+from shine.analysis.tables import fmt_duration
 
 logger = logging.getLogger("tables_deq")
 
@@ -63,20 +65,6 @@ def fmt(value: Any, digits: int = 3) -> str:
     if not math.isfinite(float(value)):
         return ""
     return f"{float(value):.{digits}g}"
-
-
-def fmt_duration(seconds: Any) -> str:
-    """``4min40`` under an hour, ``3h38`` above, ``12.3s`` under a minute (empty for NaN)."""
-    if seconds is None or not math.isfinite(float(seconds)):
-        return ""
-    s = float(seconds)
-    if s < 60:
-        return f"{s:.3g}s"
-    if s < 3600:
-        m, r = divmod(round(s), 60)
-        return f"{m}min{r:02d}"
-    h, r = divmod(round(s / 60), 60)
-    return f"{h}h{r:02d}"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:

@@ -55,11 +55,9 @@ from typing import Any, Protocol
 
 import yaml
 
+from shine.analysis.tables import write_atomic
 from shine.runtime.metrics import to_jsonable
 from shine.runtime.wandb_mirror import unflatten_record
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collect import write_atomic  # noqa: E402  (scripts/ is not a package)
 
 logger = logging.getLogger("wandb_export")
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import bench_deq  # noqa: E402
+bench_deq = load_script("bench_deq")
 
 #: the rows of Table E.2 in configs/experiment/cifar_timing.yaml
 METHODS = {

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from script_modules import load_script
+
+from shine.analysis import bilevel_results
+from shine.analysis import style as plot_style
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import collect  # noqa: E402
-import demo_summary  # noqa: E402
-import fig_bilevel  # noqa: E402
-import plot_style  # noqa: E402
+collect = load_script("collect")
+demo_summary = load_script("demo_summary")
+fig_bilevel = load_script("fig_bilevel")
 
 DATASETS = {"breast_cancer": 50.0, "news20": 200.0}  # data set -> scale of the best loss
 METHODS = {"hoag": (0.6, 0.9), "shine": (1.0, 0.4), "jacobian_free": (0.3, 0.5)}  # rate, dt
@@ -273,10 +274,10 @@ def test_diverged_runs_are_marked_and_left_out_of_the_figures(runs_root, tmp_pat
     path, rows = collect.collect("fig1", [runs], tmp_path / "out")
     diverged = {r["run_dir"] for r in rows if r["status"] == "diverged"}
     assert diverged and all("method=shine,seed=1" in d for d in diverged)
-    table = fig_bilevel.read_table(path)
-    kept, left_out = fig_bilevel.drop_diverged(table)
+    table = bilevel_results.read_table(path)
+    kept, left_out = bilevel_results.drop_diverged(table)
     assert left_out == len(diverged) and all(r["status"] == "complete" for r in kept)
-    summary = {(r["dataset"], r["method"]): r for r in fig_bilevel.summarize(kept, "fig1")}
+    summary = {(r["dataset"], r["method"]): r for r in bilevel_results.summarize(kept, "fig1")}
     assert all(r["n_seeds"] == 2 for (d, m), r in summary.items() if m == "shine")
 
 
@@ -342,7 +343,7 @@ def _tiny_rows():
 
 def test_summary_matches_a_hand_computation():
     # per-seed best over all methods: seed 0 -> 1.0 (hoag), 1 -> 2.0 (hoag), 2 -> 4.0 (shine)
-    summary = {r["method"]: r for r in fig_bilevel.summarize(_tiny_rows(), "fig1")}
+    summary = {r["method"]: r for r in bilevel_results.summarize(_tiny_rows(), "fig1")}
     assert list(summary) == ["hoag", "shine", "jacobian_free"]  # legend order, absent skipped
     hoag, shine, jf = summary["hoag"], summary["shine"], summary["jacobian_free"]
     assert hoag["n_seeds"] == shine["n_seeds"] == 3
@@ -361,7 +362,7 @@ def test_modes_are_separate_curves_summary_rows_and_legend_entries(tmp_path):
     rows = _tiny_rows()
     robust = [dict(r, mode="robust", time=r["time"] / 2) for r in rows if r["method"] == "shine"]
     faithful = [dict(r, mode="faithful") for r in rows]
-    summary = fig_bilevel.summarize(faithful + robust, "fig1")
+    summary = bilevel_results.summarize(faithful + robust, "fig1")
     keys = [(r["method"], r["mode"]) for r in summary]
     assert keys == [
         ("hoag", "faithful"),
@@ -372,8 +373,8 @@ def test_modes_are_separate_curves_summary_rows_and_legend_entries(tmp_path):
     by_key = {(r["method"], r["mode"]): r for r in summary}
     assert by_key[("shine", "robust")]["median_time_to_1pct"] == 0.5  # half the time
     assert by_key[("shine", "faithful")]["median_time_to_1pct"] == 1.0
-    assert fig_bilevel.series_label(("shine", "robust")) == "SHINE (ours), robust"
-    assert fig_bilevel.series_label(("shine", "authors")) == "SHINE, authors' code"
+    assert bilevel_results.series_label(("shine", "robust")) == "SHINE (ours), robust"
+    assert bilevel_results.series_label(("shine", "authors")) == "SHINE, authors' code"
     # every method and mode of the table is drawn, also one the figure spec does not list
     extra = [dict(r, method="shine_opa") for r in robust]
     paths = fig_bilevel.plot(faithful + robust + extra, "fig1", tmp_path / "f")
@@ -392,11 +393,11 @@ def test_fig1_table_holds_the_paper_methods_and_fig_e1_all(tmp_path):
 
 
 def test_curve_is_the_median_and_band_over_seeds():
-    grouped = fig_bilevel.group(_tiny_rows())[("toy", "logistic")]
-    best = fig_bilevel.best_per_seed(grouped)
+    grouped = bilevel_results.group(_tiny_rows())[("toy", "logistic")]
+    best = bilevel_results.best_per_seed(grouped)
     assert best == {0: 1.0, 1: 2.0, 2: 4.0}
-    assert fig_bilevel.default_eps(best) == pytest.approx(0.02)
-    c = fig_bilevel.curve(grouped[("shine", "")], best, eps=0.1, band=(0.25, 0.75))
+    assert bilevel_results.default_eps(best) == pytest.approx(0.02)
+    c = bilevel_results.curve(grouped[("shine", "")], best, eps=0.1, band=(0.25, 0.75))
     assert c["step"].tolist() == [0, 1, 2, 3] and c["n"].tolist() == [3, 3, 3, 3]
     sub1 = np.array([3 - 1, 2.5 - 2, 4.02 - 4]) + 0.1
     assert c["median"][1] == pytest.approx(0.6) == pytest.approx(np.median(sub1))
@@ -407,7 +408,7 @@ def test_curve_is_the_median_and_band_over_seeds():
 
 def test_figure_and_summary_from_collected_runs(runs_root, tmp_path, caplog):
     path, _ = collect.collect("fig1", [runs_root], tmp_path / "experiments")
-    rows = fig_bilevel.read_table(path)
+    rows = bilevel_results.read_table(path)
     with caplog.at_level(logging.WARNING, logger="fig_bilevel"):
         paths = fig_bilevel.plot(rows, "fig2_left", tmp_path / "figures" / "fig2_left")
     assert [p.name for p in paths] == ["fig2_left.pdf", "fig2_left.png"]
@@ -423,7 +424,7 @@ def test_figure_and_summary_from_collected_runs(runs_root, tmp_path, caplog):
         (d, m) for d in ("news20", "breast_cancer") for m in ("hoag", "shine", "jacobian_free")
     ]
     assert {r["n_seeds"] for r in summary} == {"3"}
-    assert list(summary[0]) == fig_bilevel.SUMMARY_COLUMNS
+    assert list(summary[0]) == bilevel_results.SUMMARY_COLUMNS
     assert "news20" in res.stdout and "t(1%)" in res.stdout
 
 
@@ -457,12 +458,12 @@ def test_demo_summary_states_the_speed_up_of_each_mode(tmp_path, capsys):
     times = {("hoag", "faithful"): (0.3, 0.6), ("shine", "faithful"): (0.2, 0.4)}
     times |= {("hoag", "robust"): (1.0, 2.0), ("shine", "robust"): (0.25, 0.5)}
     times |= {("jacobian_free", "robust"): (0.1, float("nan"))}
-    lines = [",".join(fig_bilevel.SUMMARY_COLUMNS)]
+    lines = [",".join(bilevel_results.SUMMARY_COLUMNS)]
     for (method, mode), (t1, t01) in times.items():
-        row = {c: "" for c in fig_bilevel.SUMMARY_COLUMNS}
+        row = {c: "" for c in bilevel_results.SUMMARY_COLUMNS}
         row |= {"method": method, "mode": mode, "n_seeds": "3", "median_final_test_loss": "600"}
         row |= {"median_time_to_1pct": str(t1), "median_time_to_0p1pct": str(t01)}
-        lines.append(",".join(row[c] for c in fig_bilevel.SUMMARY_COLUMNS))
+        lines.append(",".join(row[c] for c in bilevel_results.SUMMARY_COLUMNS))
     summary.write_text("\n".join(lines) + "\n")
     run = tmp_path / "sweeps" / "demo_bilevel" / "method=shine,seed=0"
     run.mkdir(parents=True)

@@ -23,7 +23,10 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from script_modules import load_script
+from test_mdeq import make_contractive
 
+from shine.analysis import deq_results
 from shine.backward import IFT, JacobianFree, Refine, Shine
 from shine.data import SyntheticImages
 from shine.models import MDEQClassifier, MDEQConfig
@@ -42,14 +45,9 @@ from shine.tasks.deq_inversion import DEQInversion
 from shine.tasks.deq_timing import DEQTiming
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import collect  # noqa: E402
-import deq_results  # noqa: E402
-import fig_deq  # noqa: E402
-import tables_deq  # noqa: E402
-from test_mdeq import make_contractive  # noqa: E402
+collect = load_script("collect")
+fig_deq = load_script("fig_deq")
+tables_deq = load_script("tables_deq")
 
 DT = torch.float64
 TINY = MDEQConfig.tiny(image_size=8, in_channels=1)

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
+
+from shine.analysis import deq_results
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import deq_results  # noqa: E402
-import paper_vs_ours  # noqa: E402
+paper_vs_ours = load_script("paper_vs_ours")
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -17,15 +17,14 @@ from typing import Any
 
 import pytest
 import yaml
+from script_modules import load_script
 
 from shine.runtime import RunDirectory, WandbMirror
 from shine.runtime.wandb_mirror import flatten_record, unflatten_record
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import collect  # noqa: E402
-import wandb_export  # noqa: E402
+collect = load_script("collect")
+wandb_export = load_script("wandb_export")
 
 
 class FakeWandbRun:

@@ -60,6 +60,7 @@ class Branch(nn.Module):
         self.norm2 = _norm(channels, scale)
 
     def forward(self, z: Tensor, injection: Tensor) -> Tensor:
+        """One residual block of the branch, plus its injection."""
         h = self.norm2(self.conv2(F.relu(self.norm1(self.conv1(z)))))
         return F.relu(z + h + injection)
 

@@ -1,12 +1,14 @@
 """DEQ rows of the collection step, method labels and the paper's reference numbers.
 
 Used by ``scripts/collect.py`` (row builders of the DEQ artefacts ``fig3``, ``table_e1``,
-``table_e2``, ``table_e3``, ``fig_e3``), ``scripts/fig_deq.py`` and ``scripts/tables_deq.py``.
-Reads run directories only (``config.yaml``, ``metrics.jsonl``, ``summary.json``); no Hydra.
+``table_e2``, ``table_e3``, ``fig_e3``), ``scripts/fig_deq.py``, ``scripts/tables_deq.py`` and
+``scripts/paper_vs_ours.py``. Reads run directories only (``config.yaml``, ``metrics.jsonl``,
+``summary.json``); no Hydra.
 
 Method labels: a run's ``method`` is its ``task.method_name`` (training) or the key of
-``task.backwards`` (timing); ``family`` drops the refine / limited suffix (``shine_refine`` ->
-``shine``, ``original_limited`` -> ``original``); ``n`` is the number of backward iterations
+``task.backwards`` (timing); ``family`` is its family in :mod:`shine.analysis.methods`
+(``shine_refine`` -> ``shine``, ``original_limited`` -> ``original``), whose label and colour
+the DEQ figures and tables show; ``n`` is the number of backward iterations
 read from the backward config: ``"0"`` for SHINE / Jacobian-Free, ``backward.n_steps`` for
 refine, ``backward.max_iter`` for the limited original backward and ``"full"`` for the original
 one (``b_thres`` iterations).
@@ -14,6 +16,8 @@ one (``b_thres`` iterations).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -23,7 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from shine.analysis import methods
+from shine.analysis.methods import family_of
+
 logger = logging.getLogger("deq_results")
+# Fig. 3 summaries warn under the name of the figure script, as they always did
+fig_logger = logging.getLogger("fig_deq")
 
 #: data-set class (``_target_`` suffix) -> data-set column
 DATASETS = {
@@ -36,22 +45,6 @@ DATASETS = {
 FULL = "full"
 #: Fig. 3 markers per n (the authors' paper_plot.py)
 MARKERS = {"0": "o", "1": "^", "2": "s", "5": "p", "7": "v", "10": "D", FULL: "*"}
-FAMILY_LABELS = {
-    "original": "Original",
-    "jacobian_free": "Jacobian-Free",
-    "shine": "SHINE",
-    "shine_fallback": "SHINE (fallback)",
-    "shine_adjoint_broyden": "SHINE (adj. Broyden)",
-    "shine_opa": "SHINE (adj. Broyden/OPA)",
-}
-FAMILY_COLORS = {
-    "original": "#000000",
-    "jacobian_free": "#0072B2",
-    "shine": "#D55E00",
-    "shine_fallback": "#E69F00",
-    "shine_adjoint_broyden": "#009E73",
-    "shine_opa": "#CC79A7",
-}
 
 # ----------------------------------------------------------------------- paper reference numbers
 #: Fig. 3 (official cifar/imagenet_aggreg_results.csv, zaccharieramzi/shine): (family, n) ->
@@ -183,14 +176,6 @@ def dataset_of(config: Mapping[str, Any]) -> str | None:
     return exp.split("_", 1)[0] or None
 
 
-def family_of(method: str) -> str:
-    """``shine_refine`` -> ``shine``, ``original_limited`` -> ``original``, ...."""
-    for suffix in ("_refine", "_limited"):
-        if method.endswith(suffix):
-            return method[: -len(suffix)]
-    return method
-
-
 def backward_n(node: Any, method: str) -> int | str:
     """Backward iterations ``n`` of a backward-strategy config (see the module docstring).
 
@@ -210,7 +195,7 @@ def backward_n(node: Any, method: str) -> int | str:
 
 def label(family: str, n: int | str) -> str:
     """Legend / table label, e.g. ``SHINE refine (5)``."""
-    base = FAMILY_LABELS.get(family, family)
+    base = methods.label(family, methods.DEQ)
     n = str(n)
     if n in (FULL, "0"):
         return base
@@ -410,3 +395,103 @@ def to_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+# ----------------------------------------------------------------------- figure summaries
+#: the families of Fig. 3 (labels and colours: :mod:`shine.analysis.methods`)
+FIG3_FAMILIES = ("original", "shine", "shine_fallback", "jacobian_free")
+#: the inverse estimates compared in Fig. E.3, in legend order (``method`` of the inversion rows)
+E3_METHODS = (
+    "jacobian_free",
+    "shine_broyden",
+    "shine_adjoint_broyden",
+    "shine_adjoint_broyden_opa",
+)
+
+
+def n_key(n: Any) -> tuple[int, float]:
+    """Sort key of an ``n`` cell: numbers first, ``full`` last."""
+    s = str(n)
+    return (1, math.inf) if s == FULL else (0, float(s))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Write ``rows`` (formatted with ``%.6g``) as CSV."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        out = []
+        for c in columns:
+            v = row.get(c)
+            out.append(f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v)))
+        writer.writerow(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def fig3_points(rows: list[dict[str, str]], x: str = "backward") -> list[dict[str, Any]]:
+    """Aggregate training rows per (dataset, family, n): mean/std top-1, median time, seeds."""
+    column = {"backward": "median_backward_ms", "implicit": "median_implicit_ms"}[x]
+    groups: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    diverged = [r for r in rows if r.get("status") == "diverged"]
+    if diverged:
+        fig_logger.warning(
+            "%d diverged run(s) left out of Fig. 3: %s",
+            len(diverged),
+            ", ".join(sorted(r.get("run_dir", "?") for r in diverged)),
+        )
+    for r in rows:
+        if r.get("kind") != "train" or r.get("family") not in FIG3_FAMILIES:
+            continue
+        if r.get("status") == "diverged":
+            continue
+        groups.setdefault((r["dataset"], r["family"], r["n"]), []).append(r)
+    points = []
+    for (dataset, family, n), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][:2], n_key(kv[0][2]))
+    ):
+        top1 = np.array([to_float(r["final_top1"]) for r in rs])
+        times = np.array([to_float(r[column]) for r in rs])
+        paper = PAPER_FIG3.get(dataset, {}).get((family, n))
+        points.append(
+            {
+                "dataset": dataset,
+                "family": family,
+                "n": n,
+                "label": label(family, n),
+                "seeds": len(rs),
+                "top1_mean": float(np.nanmean(top1)),
+                "top1_std": float(np.nanstd(top1)) if len(rs) > 1 else 0.0,
+                "backward_ms": float(np.nanmedian(times)),
+                "paper_top1": paper[0] if paper else None,
+                "paper_backward_ms": paper[1] if paper else None,
+            }
+        )
+    return points
+
+
+def e3_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Per (dataset, method): batches, median / 10 % / 90 % of the cosine and of the ratio."""
+    out = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for method in E3_METHODS:
+            rs = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
+            if not rs:
+                continue
+            cos = np.array([to_float(r["cos"]) for r in rs])
+            ratio = np.array([to_float(r["norm_ratio"]) for r in rs])
+            out.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "batches": len(rs),
+                    "cos_median": float(np.nanmedian(cos)),
+                    "cos_q10": float(np.nanquantile(cos, 0.1)),
+                    "cos_q90": float(np.nanquantile(cos, 0.9)),
+                    "norm_ratio_median": float(np.nanmedian(ratio)),
+                    "norm_ratio_q10": float(np.nanquantile(ratio, 0.1)),
+                    "norm_ratio_q90": float(np.nanquantile(ratio, 0.9)),
+                }
+            )
+    return out

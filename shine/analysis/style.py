@@ -1,8 +1,8 @@
 """Shared plotting style of the figure scripts: SciencePlots without LaTeX, Agg backend.
 
-Usage in a figure script (run as ``python scripts/fig_X.py``, so this module is importable)::
+Usage in a figure script (colours and labels of the methods: :mod:`shine.analysis.methods`)::
 
-    from plot_style import figure, save
+    from shine.analysis.style import figure, save
 
     fig, axes = figure(ncols=2)
     ...
@@ -27,15 +27,6 @@ with warnings.catch_warnings():
 
 # 'science' alone needs a LaTeX installation; 'no-latex' keeps the look with mathtext
 STYLE = ["science", "no-latex"]
-# one colour per quantity shared across figures (colour-blind safe, Okabe-Ito)
-COLORS = {
-    "prescribed": "#D55E00",
-    "krylov": "#0072B2",
-    "random": "#009E73",
-    "shine": "#D55E00",
-    "jacobian_free": "#0072B2",
-    "ift": "#000000",
-}
 COLUMN_WIDTH_IN = 3.3  # one column of a two-column paper
 
 
@@ -44,8 +35,15 @@ def figure(
 ):
     """Create a figure with the shared style; ``width`` defaults to one column per panel.
 
-    Returns ``(fig, axes)`` with ``axes`` always 2-D; ``kwargs`` go to ``plt.subplots``
-    (e.g. ``sharey=True``).
+    Args:
+        nrows: rows of panels.
+        ncols: columns of panels.
+        width: figure width in inches (default: :data:`COLUMN_WIDTH_IN` per column).
+        height: figure height in inches.
+        **kwargs: passed to ``plt.subplots`` (e.g. ``sharey=True``).
+
+    Returns:
+        ``(fig, axes)`` with ``axes`` always 2-D.
     """
     plt.style.use(STYLE)
     width = width if width is not None else COLUMN_WIDTH_IN * ncols
@@ -57,6 +55,9 @@ def save(fig, stem: str | Path) -> list[Path]:
 
     No creation date or software version is embedded, so the same table gives the same bytes
     (regenerated figures show no spurious diff).
+
+    Returns:
+        The two written paths.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
