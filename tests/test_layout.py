@@ -65,7 +65,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 NUMERICS = ("solvers", "backward", "deq", "bilevel", "models")
-HARNESS = ("shine.runtime", "shine.tasks", "shine.training", "shine.data")
+HARNESS = ("shine.runtime", "shine.tasks", "shine.training", "shine.data", "shine.analysis")
 
 
 @pytest.mark.parametrize("package", NUMERICS)
@@ -82,6 +82,18 @@ def test_numerics_do_not_depend_on_the_harness(package):
                 modules.update(alias.name for alias in node.names)
         bad = sorted(m for m in modules if m.startswith(HARNESS))
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_scripts_import_their_shared_code_from_the_package():
+    # the analysis code the scripts share is shine.analysis: no script edits sys.path, no script
+    # imports another one (each runs as `python scripts/NAME.py`)
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    names = {p.stem for p in scripts}
+    for path in scripts:
+        text = path.read_text(encoding="utf-8")
+        assert "sys.path" not in text, f"{path.name} edits sys.path"
+        imported = _imports(ast.parse(text))
+        assert not imported & names, f"{path.name} imports the scripts {imported & names}"
 
 
 def test_citation_and_pre_commit_are_in_step_with_the_project():
