@@ -27,7 +27,7 @@ scripts leave those out and say how many) and ``run_dir`` (relative to its root)
 
 New artefacts are one entry of :data:`ARTEFACTS`. The DEQ artefacts (``fig3``, ``table_e1``,
 ``table_e2``, ``table_e3``, ``fig_e3``) build their rows with a function of the run directory
-(``Artefact.rows_fn``, see ``scripts/deq_results.py``): one row per training run (from its
+(``Artefact.rows_fn``, see ``shine/analysis/deq_results.py``): one row per training run (from its
 ``metrics.jsonl``: final top-1, median forward / backward ms, equilibrium epoch time), per timed
 method, per contractivity run or per (batch, method) of the inversion study; duplicate rows (same
 identity, e.g. a run launched alone and again in a sweep) keep the newest run's. Exit codes: 0
@@ -123,7 +123,7 @@ class Artefact:
 
 
 def deq_artefacts() -> dict[str, Artefact]:
-    """The DEQ artefacts (rows built by ``scripts/deq_results.py``)."""
+    """The DEQ artefacts (rows built by ``shine/analysis/deq_results.py``)."""
     train = (
         "python train.py -m +sweep=fig3_digits && python train.py -m +sweep=fig3_digits_refine "
         "(cifar/imagenet: fig3_cifar[_refine], fig3_imagenet[_refine]); or single runs "

@@ -10,8 +10,8 @@ one row per artefact, method, quantity, source, data set).
 
 The paper's numbers are not repeated here when the repository already holds them: Tables E.1
 and E.3 are read from the ``paper_*`` columns of their ``table.csv``; Figure 3 and Table E.2 from
-``scripts/deq_results.py`` (``PAPER_FIG3``, ``PAPER_TABLE_E2``). What only the paper's text says
-(the bi-level figures are curves; Figures 2 right and E.3 are scatter plots) is in
+``shine/analysis/deq_results.py`` (``PAPER_FIG3``, ``PAPER_TABLE_E2``). What only the paper's
+text says (the bi-level figures are curves; Figures 2 right and E.3 are scatter plots) is in
 :data:`PAPER_CLAIMS`, with the section it comes from. Ours are CPU-scale runs (breast cancer,
 tiny MDEQ on digits), so compare ratios and orderings, not absolute accuracies or milliseconds.
 An artefact whose table is missing is listed as such. Runs in well under a second.
