@@ -23,14 +23,14 @@ run through the real pipeline
 outer steps only: inner solve, outer loss, backward and update, as the authors' callback timing)
 on each seed. Per seed the reference is the best held-out loss reached by any method; for each
 method the time to get within 1 % and 0.1 % of it (the paper's "acceptable level";
-``shine/analysis/time_to_target.py``, shared with ``fig_bilevel.py``), its final held-out loss,
-its time split into inner solves and backward (whole run, and up to the 1 % point), its inner
-L-BFGS iterations and their cost. Reported: median over seeds, and the speed-up HOAG time / SHINE time to
+``shine/analysis/time_to_target.py``, shared with ``fig_bilevel.py``), its final held-out loss, its
+time split into inner solves and backward (whole run, and up to the 1 % point), its inner L-BFGS
+iterations and their cost. Reported: median over seeds, and the speed-up HOAG time / SHINE time to
 1 % and to 0.1 %. Targets: in robust mode, HOAG / SHINE to 1 % >= 2 (the paper's claim) with
-SHINE's final loss no worse than HOAG's by more than 0.1 % (when missed, a ``why:`` line says
-which measured cost is responsible); in faithful mode, the methods come in the order of the
-authors' own code on the same data (time to 1 %, from ``experiments/authors_code/fig1/
-summary.csv``, measured on this machine; see its README), whose speed-up is printed beside ours.
+SHINE's final loss no worse than HOAG's by more than 0.1 % (when missed, a ``why:`` line says which
+measured cost is responsible); in faithful mode, the methods come in the order of the authors' own
+code on the same data (time to 1 %, from ``experiments/authors_code/fig1/summary.csv``, measured on
+this machine; see its README), whose speed-up is printed beside ours.
 The HOAG-family methods restart their L-BFGS memory at every outer step, as the authors' Figure 1
 runs (Fortran L-BFGS-B; the configs' default); ``--inner-memory keep|shift`` compares the other
 choices.
