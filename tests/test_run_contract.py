@@ -408,11 +408,22 @@ def test_first_ctrl_c_requests_a_stop_the_second_exits_at_once(tmp_path):
 
 
 def test_a_failed_run_writes_its_traceback_to_train_log(tmp_path):
+    # a run that fails while running (its data set is missing) logs the traceback; a setting a
+    # constructor refuses is reported in one line instead (test_bad_settings_are_refused...)
+    runs, data = tmp_path / "runs", tmp_path / "no_data"
+    data.mkdir()
+    res = run_train(["+experiment=news20", "method=shine", f"paths.data_dir={data}"], runs)
+    assert res.returncode != 0
+    log = (runs / "news20_shine" / "seed=0" / "train.log").read_text()
+    assert "Traceback" in log and "the run failed" in log and "20news not found" in log
+
+
+def test_a_refused_setting_is_one_line_naming_it(tmp_path):
     runs = tmp_path / "runs"
     res = run_train([*BREAST, "task.loss=hinge"], runs)
-    assert res.returncode != 0
+    assert res.returncode == EXIT["usage"]
     log = (runs / "breast_cancer_shine" / "task.loss=hinge" / "seed=0" / "train.log").read_text()
-    assert "Traceback" in log and "the run failed" in log and "hinge" in log
+    assert "invalid configuration" in log and "hinge" in log and "Traceback" not in log
 
 
 # ------------------------------------------------------------------------- damaged files
