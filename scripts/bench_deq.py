@@ -17,7 +17,7 @@ IFT(20) / SHINE near 1 + 21 / 2.2 ≈ 10.5 (measured 10.1-11.1) and 7.6 (batch 4
 paper measured 210 / 16 ms.
 
 * **timings** (the protocol of ``shine/tasks/deq_timing.py``, one step of it timed by
-  ``shine/analysis/step_timing.py``): forward = ``model(x)`` (stem,
+  ``shine/tasks/step_timing.py``): forward = ``model(x)`` (stem,
   Broyden solve, the differentiable step ``f(z*)``, head), backward = the whole
   ``loss.backward()`` of the cross-entropy (head, the method's implicit correction, backprop
   through ``f(z*)``), each framed by ``torch.cuda.synchronize()`` on a GPU; the implicit
@@ -77,9 +77,9 @@ from shine.analysis.bench import (
     target,
     write_json,
 )
-from shine.analysis.step_timing import timed_training_step
 from shine.backward import IFT, Fallback, JacobianFree, Refine, Shine
-from shine.tasks.deq_common import synchronize
+from shine.runtime.devices import synchronize
+from shine.tasks.step_timing import timed_training_step
 
 DEFAULT_OUT = Path(os.environ.get("SHINE_RUNS", "runs")) / "bench" / "bench_deq.json"
 EXPERIMENT = "cifar_timing"

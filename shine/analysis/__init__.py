@@ -12,7 +12,6 @@ numerical packages (:mod:`shine.solvers`, :mod:`shine.backward`, :mod:`shine.deq
 * :mod:`shine.analysis.bilevel_results` - bi-level figure specs, curves and ``summary.csv``.
 * :mod:`shine.analysis.deq_results` - DEQ rows of the collection, the paper's numbers,
   Fig. 3 / E.3 summaries.
-* :mod:`shine.analysis.step_timing` - the Table E.2 protocol of one timed DEQ training step.
 * :mod:`shine.analysis.bench` - interleaved rounds, per-round ratios, targets of the benchmarks.
 * :mod:`shine.analysis.bench_models` - the MDEQ-like block of the core benchmark.
 

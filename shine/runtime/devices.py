@@ -17,3 +17,9 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown torch dtype {dtype!r}")
     return resolved
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the kernels queued on ``device`` (no-op on the CPU): frames every timed part."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

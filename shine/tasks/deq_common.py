@@ -9,7 +9,6 @@ batches of its data. The helpers here keep the three tasks consistent:
 * :func:`build_classifier` builds the model on the right device and dtype;
 * :func:`train_batches` yields a fixed, reproducible sequence of training batches (the same for
   every method of a task, cycling over epochs when more batches are asked than one epoch has);
-* :func:`synchronize` waits for the device (CUDA) before a timer is read;
 * :class:`DEQTask` is the mixin of the three task dataclasses: it builds their model
   (:meth:`~DEQTask.build_model`), their training batches (:meth:`~DEQTask.training_batches`)
   and the per-batch random generator (:meth:`~DEQTask.batch_generator`) from the fields they
@@ -191,12 +190,6 @@ def train_batches(
         epoch += 1
 
 
-def synchronize(device: str | torch.device) -> None:
-    """Wait for the kernels queued on ``device`` (no-op on the CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def resume_index(run_dir: RunDirectory, key: str) -> int:
     """The counter ``key`` of the task checkpoint of ``run_dir`` (0 on a fresh run)."""
     state = run_dir.load_checkpoint()
@@ -305,6 +298,5 @@ __all__ = [
     "resolve_checkpoint",
     "resumable",
     "resume_index",
-    "synchronize",
     "train_batches",
 ]

@@ -24,17 +24,16 @@ fraction. Summary: ``{method}/median_forward_ms``, ``{method}/median_backward_ms
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shine.runtime.run_dir import RunDirectory
-from shine.tasks.deq_common import DEQTask, resumable, synchronize
+from shine.tasks.deq_common import DEQTask, resumable
+from shine.tasks.step_timing import timed_training_step
 
 logger = logging.getLogger(__name__)
 
@@ -137,25 +136,14 @@ class DEQTiming(DEQTask):
         device = torch.device(self.device)
 
         def one(x: torch.Tensor, y: torch.Tensor, index: int) -> dict[str, Any]:
-            model.zero_grad(set_to_none=True)
             gen = self.batch_generator(index, device)
-            synchronize(device)
-            t0 = time.perf_counter()
-            logits = model(x, targets=y, generator=gen)
-            synchronize(device)
-            t1 = time.perf_counter()
-            loss = F.cross_entropy(logits, y)
-            synchronize(device)
-            t2 = time.perf_counter()
-            loss.backward()
-            synchronize(device)
-            t3 = time.perf_counter()
+            times = timed_training_step(model, x, y, gen, device)
             record: dict[str, Any] = {
                 "method": method,
                 "batch": index,
-                "forward_ms": 1e3 * (t1 - t0),
-                "backward_ms": 1e3 * (t3 - t2),
-                "loss": float(loss.detach()),
+                "forward_ms": 1e3 * times.forward_s,
+                "backward_ms": 1e3 * times.backward_s[0],
+                "loss": float(times.loss),
             }
             fwd = model.last_forward
             if fwd is not None:
@@ -163,7 +151,7 @@ class DEQTiming(DEQTask):
                 record["fwd_residual_max"] = float(fwd.stats.residual.max())
             bwd = model.last_backward
             if bwd is not None:
-                record["implicit_ms"] = 1e3 * float(model.last_backward_time or 0.0)
+                record["implicit_ms"] = 1e3 * times.implicit_s[0]
                 record.update(bwd.stats.summary("bwd_"))
                 if bwd.stats.fallback_mask is not None:
                     record["fallback_frac"] = float(bwd.stats.fallback_mask.double().mean())

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shine.data.images import SeededItems, make_loader, seed_worker
+from shine.runtime.devices import synchronize
 from shine.runtime.distributed import all_reduce_mean, all_reduce_sum
 from shine.runtime.seeding import derived_seed
 
@@ -52,11 +53,6 @@ OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 RANK_MEAN_METRICS = ("loss", "acc", "fwd_converged_frac", "bwd_fallback_frac")
 #: stream of the per-(step, rank) dropout generators, distinct from the data streams
 _DROPOUT_STREAM = 3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class ClassificationStepper:
@@ -217,19 +213,19 @@ class ClassificationStepper:
         x, y = self._next_batch()
         unrolled = self.step_index < self.pretrain_steps
         core = self._core()
-        _sync(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         logits = self._forward(x, y, unrolled, generator=self._dropout_generator())
         loss = F.cross_entropy(logits, y)
-        _sync(self.device)
+        synchronize(self.device)
         t1 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _sync(self.device)
+        synchronize(self.device)
         t2 = time.perf_counter()
         self.optimizer.step()
         self.scheduler.step()
-        _sync(self.device)
+        synchronize(self.device)
         t3 = time.perf_counter()
         self.step_index += 1
         metrics: dict[str, Any] = {

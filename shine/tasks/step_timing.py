@@ -9,10 +9,10 @@ The protocol (the authors' ``mdeq_lib/debug/cls_grad_time.py`` with its timing b
 * **implicit** = ``model.last_backward_time``: the correction alone, timed inside the autograd
   hook (not synchronised on a GPU);
 
-each framed by :func:`~shine.tasks.deq_common.synchronize` (``torch.cuda.synchronize()`` on a
+each framed by :func:`~shine.runtime.devices.synchronize` (``torch.cuda.synchronize()`` on a
 GPU, a no-op on the CPU), so that queued kernels of the forward do not leak into the backward
-time. Used by ``scripts/bench_deq.py``; ``shine/tasks/deq_timing.py`` (the ``cifar_timing``
-experiment) times its steps the same way.
+time. The one implementation: :class:`~shine.tasks.deq_timing.DEQTiming` (the ``*_timing``
+experiments) and ``scripts/bench_deq.py`` time their steps with it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shine.tasks.deq_common import synchronize
+from shine.runtime.devices import synchronize
 
 
 @dataclass(frozen=True)
