@@ -9,9 +9,11 @@ mutated function. Then writes ``runs/mutation/report.md`` and ``report.json``: p
 killed / survived / equivalent / timeout / other counts, the killed fraction of the
 non-equivalent mutants, and every surviving mutant with its diff.
 
-Equivalent mutants are listed in ``tests/mutation/equivalent.txt``: one ``<mutant id> <reason>``
-per line. ``--add-message-equivalents`` appends there the survivors whose only change is the
-text of an error / log message (the rule is ``is_message_mutant``), for review before committing.
+Equivalent mutants are listed in ``tests/mutation/equivalent.txt``: one
+``<mutant id> [<fingerprint>] <reason>`` per line; the fingerprint (a hash of the mutated
+lines) ties the entry to the mutant it was written for, so a renumbered mutant is not excused.
+``--add-message-equivalents`` appends there the survivors whose only change is the text of an
+error / log message (the rule is ``is_message_mutant``), for review before committing.
 
     python tests/mutation/run.py [--packages shine/backward shine/deq] [--ref HEAD] [--jobs 2]
     python tests/mutation/run.py --survivors  # re-test the survivors only (after a new test)
@@ -21,6 +23,7 @@ text of an error / log message (the rule is ``is_message_mutant``), for review b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -61,6 +64,7 @@ def selector(package: str) -> str:
 
 
 def read_equivalent() -> dict[str, str]:
+    """``{mutant id: "[fingerprint] reason"}`` from equivalent.txt."""
     out = {}
     if EQUIVALENT.exists():
         for line in EQUIVALENT.read_text(encoding="utf-8").splitlines():
@@ -68,6 +72,23 @@ def read_equivalent() -> dict[str, str]:
                 name, _, reason = line.strip().partition(" ")
                 out[name] = reason.strip()
     return out
+
+
+def fingerprint(diff: str) -> str:
+    """Short hash of a mutant's changed lines: an entry of equivalent.txt names the mutant it
+    was written for (mutmut's numbering shifts when the function changes)."""
+    changed = [
+        ln.strip()
+        for ln in diff.splitlines()
+        if ln[:1] in "+-" and not ln.startswith(("---", "+++"))
+    ]
+    return hashlib.sha1("\n".join(changed).encode()).hexdigest()[:8]
+
+
+def entry_matches(reason: str, diff: str) -> bool:
+    """An entry ``[hash] reason`` holds for the current mutant only if the hash matches."""
+    m = re.match(r"\[([0-9a-f]{8})\]", reason)
+    return m is not None and m.group(1) == fingerprint(diff)
 
 
 _STRING = re.compile(r"""[rbfu]{0,2}("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""", re.IGNORECASE)
@@ -130,13 +151,15 @@ def diff_of(work: Path, name: str) -> str:
 def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages: bool) -> float:
     exit_codes = {k: v for k, v in collect(work).items() if selected(k, packages)}
     equivalent = read_equivalent()
-    rows, survivors, new_messages = {}, [], []
+    rows, survivors, new_messages, mismatched = {}, [], [], []
     for name, code in sorted(exit_codes.items()):
         status = STATUS.get(code, "suspicious")
         if status == "survived":
             diff = diff_of(work, name)
-            if name in equivalent:
+            if name in equivalent and entry_matches(equivalent[name], diff):
                 status = "equivalent"
+            elif name in equivalent:
+                mismatched.append(name)
             elif is_message_mutant(diff):
                 new_messages.append(name)
                 status = "equivalent" if add_messages else status
@@ -148,8 +171,9 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
     if add_messages and new_messages:
         with EQUIVALENT.open("a", encoding="utf-8") as f:
             for name in new_messages:
-                f.write(f"{name} error/log message text only (no effect on any result)\n")
-    stale = sorted(n for n in equivalent if exit_codes.get(n, 0) != 0 and n in exit_codes)
+                reason = "error/log message text only (no effect on any result)"
+                f.write(f"{name} [{fingerprint(diff_of(work, name))}] {reason}\n")
+    stale = sorted(n for n in equivalent if exit_codes.get(n) not in (0, None))  # now killed
     total = sum(rows.values(), Counter())
     rows["total"] = total
     columns = ["killed", "survived", "equivalent", "timeout", "no tests", "not checked"]
@@ -182,6 +206,12 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
             "",
             f"{len(new_messages)} survivors only change a message text: rerun with "
             "--add-message-equivalents to list them as equivalent (then review)",
+        ]
+    if mismatched:
+        lines += [
+            "",
+            "Entries of equivalent.txt whose fingerprint no longer matches the mutant (its "
+            "function changed; counted as survived until reviewed): " + ", ".join(mismatched),
         ]
     if stale:
         lines += ["", "Stale entries of equivalent.txt (now killed): " + ", ".join(stale)]
