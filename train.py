@@ -7,12 +7,13 @@
     srun --ntasks-per-node=4 --gpus-per-task=1 python train.py +experiment=cifar_shine
 
 The run directory (``cfg.paths.output_dir``) follows the run contract of
-``shine.runtime.RunDirectory``: a complete run is skipped (``overwrite=true`` moves it aside and
-starts again), an interrupted one resumes from its checkpoint. This is the only module that
+``shine.harness.runtime.RunDirectory``: a complete run is skipped (``overwrite=true`` moves it
+aside and starts again), an interrupted one resumes from its checkpoint. This is the only module
+that
 calls ``hydra.utils.instantiate``; the library receives plain objects.
 
-Multi-process launches (``shine.runtime.distributed``): every process runs this script; rank 0
-owns the run directory and the others open it read-only (no writes, no train.log, warnings
+Multi-process launches (``shine.harness.runtime.distributed``): every process runs this script;
+rank 0 owns the run directory and the others open it read-only (no writes, no train.log, warnings
 only on their console). Barriers order the shared steps: every rank has checked completeness
 before rank 0 moves anything aside, rank 0 has (re)started the directory before the others load
 its checkpoint, they have loaded it before rank 0 writes the next one, and every rank has
@@ -46,8 +47,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from shine.runtime import RunDirectory, seed_everything
-from shine.runtime.distributed import (
+from shine.harness.runtime import RunDirectory, seed_everything
+from shine.harness.runtime.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
@@ -55,10 +56,10 @@ from shine.runtime.distributed import (
     init_distributed,
     shutdown,
 )
-from shine.runtime.lock import RunLockedError
-from shine.runtime.run_dir import ConfigMismatchError, CorruptCheckpointError
-from shine.runtime.settings import TrainerSettings
-from shine.training.trainer import Diverged
+from shine.harness.runtime.lock import RunLockedError
+from shine.harness.runtime.run_dir import ConfigMismatchError, CorruptCheckpointError
+from shine.harness.runtime.settings import TrainerSettings
+from shine.harness.training.trainer import Diverged
 
 log = logging.getLogger("train")
 REPO = Path(__file__).resolve().parent

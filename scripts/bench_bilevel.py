@@ -74,7 +74,7 @@ from shine.analysis.time_to_target import (
     time_to_within,
 )
 from shine.bilevel import L2Regularized
-from shine.runtime import RunDirectory
+from shine.harness.runtime import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(os.environ.get("SHINE_RUNS", "runs")) / "bench" / "bench_bilevel.json"

@@ -16,8 +16,8 @@ backprop through ``f(z*)``) costs ~2.2 VJPs of ``f`` at batch 32 and ~3 at batch
 IFT(20) / SHINE near 1 + 21 / 2.2 ≈ 10.5 (measured 10.1-11.1) and 7.6 (batch 4); on a GPU the
 paper measured 210 / 16 ms.
 
-* **timings** (the protocol of ``shine/tasks/deq_timing.py``, one step of it timed by
-  ``shine/tasks/step_timing.py``): forward = ``model(x)`` (stem,
+* **timings** (the protocol of ``shine/harness/tasks/deq_timing.py``, one step of it timed by
+  ``shine/harness/tasks/step_timing.py``): forward = ``model(x)`` (stem,
   Broyden solve, the differentiable step ``f(z*)``, head), backward = the whole
   ``loss.backward()`` of the cross-entropy (head, the method's implicit correction, backprop
   through ``f(z*)``), each framed by ``torch.cuda.synchronize()`` on a GPU; the implicit
@@ -78,8 +78,8 @@ from shine.analysis.bench import (
     write_json,
 )
 from shine.backward import IFT, Fallback, JacobianFree, Refine, Shine
-from shine.runtime.devices import synchronize
-from shine.tasks.step_timing import timed_training_step
+from shine.harness.runtime.devices import synchronize
+from shine.harness.tasks.step_timing import timed_training_step
 
 DEFAULT_OUT = Path(os.environ.get("SHINE_RUNS", "runs")) / "bench" / "bench_deq.json"
 EXPERIMENT = "cifar_timing"

@@ -4,8 +4,9 @@
         [--tag TAG ...] [--filters JSON] [--overwrite]
     python scripts/collect.py ARTEFACT --runs DIR
 
-The runs a ``logger=wandb`` run mirrored (``shine/runtime/wandb_mirror.py``: the resolved config
-as the wandb config, every metrics record's numbers, booleans, strings and lists of numbers (as
+The runs a ``logger=wandb`` run mirrored (``shine/harness/runtime/wandb_mirror.py``: the resolved
+config as the wandb config, every metrics record's numbers, booleans, strings and lists of numbers
+(as
 ``key/0``, ``key/1``, ...) at its ``step``, the final metrics in the summary) become run
 directories under ``DIR``:
 
@@ -56,8 +57,8 @@ from typing import Any, Protocol
 import yaml
 
 from shine.analysis.tables import write_atomic
-from shine.runtime.metrics import to_jsonable
-from shine.runtime.wandb_mirror import unflatten_record
+from shine.harness.runtime.metrics import to_jsonable
+from shine.harness.runtime.wandb_mirror import unflatten_record
 
 logger = logging.getLogger("wandb_export")
 

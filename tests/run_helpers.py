@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shine.runtime import RunDirectory
+from shine.harness.runtime import RunDirectory
 
 
 def run_task(path: Path, task: Any) -> tuple[RunDirectory, dict | None]:

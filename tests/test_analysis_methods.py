@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from shine.analysis import methods
-from shine.tasks.step_timing import timed_training_step
+from shine.harness.tasks.step_timing import timed_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BILEVEL = ("hoag", "hoag_limited", "shine", "shine_refine", "shine_opa", "jacobian_free")

@@ -18,8 +18,7 @@ import torch
 
 from shine.backward import Shine
 from shine.data import SyntheticImages
-from shine.models import MDEQConfig
-from shine.runtime.distributed import (
+from shine.harness.runtime.distributed import (
     DistInfo,
     LaunchEnv,
     all_reduce_mean,
@@ -30,8 +29,9 @@ from shine.runtime.distributed import (
     init_distributed,
     shutdown,
 )
+from shine.harness.tasks import ImageClassification
+from shine.models import MDEQConfig
 from shine.solvers import Broyden
-from shine.tasks import ImageClassification
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "helpers" / "ddp_classification_worker.py"

@@ -14,10 +14,10 @@ from run_helpers import run_task
 
 from shine.backward import IFT, Shine
 from shine.data import DigitsData, SyntheticImages
+from shine.harness.tasks import ImageClassification
+from shine.harness.training import Trainer
 from shine.models import MDEQConfig
 from shine.solvers import Broyden
-from shine.tasks import ImageClassification
-from shine.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -61,7 +61,7 @@ def _config(dataset, method, seed, tags, loss="logistic", mode=None):
         "dataset": ds,
         "method": meth,
         "task": {
-            "_target_": "shine.tasks.HyperparameterOptimization",
+            "_target_": "shine.harness.tasks.HyperparameterOptimization",
             "dataset": ds,
             "method": meth,
             "method_name": None,

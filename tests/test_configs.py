@@ -306,7 +306,7 @@ def test_run_directory_is_named_by_what_the_run_computes(tmp_path):
 
 
 def test_excluded_overrides_are_the_result_neutral_keys():
-    from shine.runtime.run_dir import RESULT_NEUTRAL_KEYS
+    from shine.harness.runtime.run_dir import RESULT_NEUTRAL_KEYS
 
     excluded = set(
         compose_train([], hydra_node=True).hydra.job.config.override_dirname.exclude_keys

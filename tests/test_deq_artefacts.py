@@ -29,11 +29,14 @@ from test_mdeq import make_contractive
 from shine.analysis import deq_results
 from shine.backward import IFT, JacobianFree, Refine, Shine
 from shine.data import SyntheticImages
-from shine.models import MDEQClassifier, MDEQConfig
-from shine.runtime import RunDirectory
-from shine.solvers import AdjointBroyden, Broyden
-from shine.tasks.deq_common import load_weights, resolve_checkpoint, resumable, resume_index
-from shine.tasks.deq_contractivity import (
+from shine.harness.runtime import RunDirectory
+from shine.harness.tasks.deq_common import (
+    load_weights,
+    resolve_checkpoint,
+    resumable,
+    resume_index,
+)
+from shine.harness.tasks.deq_contractivity import (
     DEQContractivity,
     jvp_at,
     nonlinear_power_value,
@@ -41,8 +44,10 @@ from shine.tasks.deq_contractivity import (
     spectral_radius,
     vjp_at,
 )
-from shine.tasks.deq_inversion import DEQInversion
-from shine.tasks.deq_timing import DEQTiming
+from shine.harness.tasks.deq_inversion import DEQInversion
+from shine.harness.tasks.deq_timing import DEQTiming
+from shine.models import MDEQClassifier, MDEQConfig
+from shine.solvers import AdjointBroyden, Broyden
 
 ROOT = Path(__file__).resolve().parents[1]
 collect = load_script("collect")
@@ -374,7 +379,7 @@ def _train_config(dataset, method, seed, backward, tags=("deq", "fig3")):
         "backward": backward,
         "trainer": {"epochs": 4},
         "task": {
-            "_target_": "shine.tasks.ImageClassification",
+            "_target_": "shine.harness.tasks.ImageClassification",
             "data": data,
             "backward": backward,
             "method_name": method,
@@ -433,7 +438,7 @@ def make_timing_run(path, dataset, methods):
     backwards = {m: BACKWARDS[(m, n)] for m, n in methods}
     config = {
         "task": {
-            "_target_": "shine.tasks.deq_timing.DEQTiming",
+            "_target_": "shine.harness.tasks.deq_timing.DEQTiming",
             "data": {"_target_": "shine.data.DigitsData"},
             "backwards": backwards,
             "device": "cpu",
@@ -464,7 +469,7 @@ def make_contractivity_run(path, method, nonlinear, rho):
     path.mkdir(parents=True)
     config = {
         "task": {
-            "_target_": "shine.tasks.deq_contractivity.DEQContractivity",
+            "_target_": "shine.harness.tasks.deq_contractivity.DEQContractivity",
             "data": {"_target_": "shine.data.DigitsData"},
             "method_name": method,
         },
@@ -491,7 +496,7 @@ def make_inversion_run(path):
     path.mkdir(parents=True)
     config = {
         "task": {
-            "_target_": "shine.tasks.deq_inversion.DEQInversion",
+            "_target_": "shine.harness.tasks.deq_inversion.DEQInversion",
             "data": {"_target_": "shine.data.DigitsData"},
         },
         "seed": 0,

@@ -14,10 +14,10 @@ from run_helpers import run_task
 from shine.backward import Shine
 from shine.bilevel import HOAG, GridSearch
 from shine.data import BreastCancer
-from shine.runtime import RunDirectory
+from shine.harness.runtime import RunDirectory
+from shine.harness.tasks import HyperparameterOptimization
+from shine.harness.training import Trainer
 from shine.solvers import LBFGS
-from shine.tasks import HyperparameterOptimization
-from shine.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -65,7 +65,13 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 NUMERICS = ("solvers", "backward", "deq", "bilevel", "models")
-HARNESS = ("shine.runtime", "shine.tasks", "shine.training", "shine.data", "shine.analysis")
+HARNESS = (
+    "shine.harness.runtime",
+    "shine.harness.tasks",
+    "shine.harness.training",
+    "shine.data",
+    "shine.analysis",
+)
 
 
 @pytest.mark.parametrize("package", NUMERICS)

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from shine.data import load_breast_cancer
-from shine.runtime import RunDirectory
-from shine.solvers import LBFGS
-from shine.tasks.opa_inversion import (
+from shine.harness.runtime import RunDirectory
+from shine.harness.tasks.opa_inversion import (
     DIRECTIONS,
     VARIANTS,
     OPAInversion,
     inversion_quality,
     summarize,
 )
+from shine.solvers import LBFGS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from shine.runtime import JsonlMetrics, RunDirectory, WandbMirror
-from shine.runtime.lock import RunLock, RunLockedError
-from shine.runtime.run_dir import CorruptCheckpointError, config_diff
-from shine.training.trainer import Diverged, Trainer, nonfinite
+from shine.harness.runtime import JsonlMetrics, RunDirectory, WandbMirror
+from shine.harness.runtime.lock import RunLock, RunLockedError
+from shine.harness.runtime.run_dir import CorruptCheckpointError, config_diff
+from shine.harness.training.trainer import Diverged, Trainer, nonfinite
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,7 +62,7 @@ def steps_of(path: Path) -> list[int]:
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from shine.runtime.lock import RunLock
+    from shine.harness.runtime.lock import RunLock
     lock = RunLock(sys.argv[1]); lock.acquire(); print("held", flush=True); time.sleep(60)
     """
 )
@@ -190,14 +190,16 @@ def test_summary_method_is_the_method_choice(caplog):
     # the one method choice names the summary's method; a disagreeing hand-written name is
     # replaced (with a warning), in the task and in the method node alike
     cfg = train.OmegaConf.create(
-        {"task": {"_target_": "shine.tasks.ImageClassification", "method_name": "shine"}}
+        {"task": {"_target_": "shine.harness.tasks.ImageClassification", "method_name": "shine"}}
     )
     cfg.method = {"name": "shine"}
     train.name_the_method(cfg, {"method": "shine_refine", "setting": "deq"})
     assert cfg.task.method_name == "shine_refine" and cfg.method.name == "shine_refine"
     assert "disagrees with the method choice method=shine_refine" in caplog.text
     # the studies that compare methods inside their task have no method_name: untouched
-    cfg = train.OmegaConf.create({"task": {"_target_": "shine.tasks.deq_timing.DEQTiming"}})
+    cfg = train.OmegaConf.create(
+        {"task": {"_target_": "shine.harness.tasks.deq_timing.DEQTiming"}}
+    )
     train.name_the_method(cfg, {"method": "none"})
     assert "method_name" not in cfg.task
 

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from shine.runtime import JsonlMetrics, RunDirectory, WandbMirror, git_state
-from shine.runtime.run_dir import CorruptCheckpointError
+from shine.harness.runtime import JsonlMetrics, RunDirectory, WandbMirror, git_state
+from shine.harness.runtime.run_dir import CorruptCheckpointError
 
 
 class NotData:

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from script_modules import load_script
 
-from shine.runtime import RunDirectory, WandbMirror
-from shine.runtime.wandb_mirror import flatten_record, unflatten_record
+from shine.harness.runtime import RunDirectory, WandbMirror
+from shine.harness.runtime.wandb_mirror import flatten_record, unflatten_record
 
 ROOT = Path(__file__).resolve().parents[1]
 collect = load_script("collect")

@@ -80,7 +80,7 @@ behaviour (field)            ``mode="faithful"``: the        ``mode="robust"``: 
   paper's fixed ``M``).
 
 The outer loop is a stepper (``start``, ``step``, ``state_dict``) driven by
-:class:`shine.training.Trainer`, which times it, logs it and checkpoints it.
+:class:`shine.harness.training.Trainer`, which times it, logs it and checkpoints it.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from shine.data.tabular import TabularData
-from shine.runtime.devices import resolve_dtype
+from shine.harness.runtime.devices import resolve_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shine.data._torchvision import import_torchvision
-from shine.runtime.seeding import derived_seed
+from shine.harness.runtime.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shine.runtime.devices import resolve_dtype
+from shine.harness.runtime.devices import resolve_dtype
 
 
 @dataclass(frozen=True)

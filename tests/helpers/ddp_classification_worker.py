@@ -25,12 +25,12 @@ from torch import nn
 import shine.models
 from shine.backward import IFT, Shine
 from shine.data import SyntheticImages
+from shine.harness.runtime import RunDirectory
+from shine.harness.runtime.distributed import barrier, detect_launch, init_distributed, shutdown
+from shine.harness.tasks import ImageClassification
+from shine.harness.training import Trainer
 from shine.models import MDEQClassifier, MDEQConfig
-from shine.runtime import RunDirectory
-from shine.runtime.distributed import barrier, detect_launch, init_distributed, shutdown
 from shine.solvers import Broyden
-from shine.tasks import ImageClassification
-from shine.training import Trainer
 
 
 class PerSampleMDEQ(MDEQClassifier):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from shine.runtime.run_dir import RunDirectory
+from shine.harness.runtime.run_dir import RunDirectory
 
 
 class Task(Protocol):

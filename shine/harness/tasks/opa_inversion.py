@@ -39,9 +39,9 @@ import torch
 from torch import Tensor
 
 from shine.data.tabular import TabularData
-from shine.runtime.devices import resolve_dtype
-from shine.runtime.run_dir import RunDirectory
-from shine.runtime.seeding import derived_seed
+from shine.harness.runtime.devices import resolve_dtype
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.runtime.seeding import derived_seed
 from shine.solvers.base import SolverResult
 
 logger = logging.getLogger(__name__)

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from shine.runtime.run_dir import RunDirectory
-from shine.tasks.deq_common import DEQTask, resumable
-from shine.tasks.step_timing import timed_training_step
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.tasks.deq_common import DEQTask, resumable
+from shine.harness.tasks.step_timing import timed_training_step
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,20 @@
 """Image classification with an implicit model (paper §3.2: MDEQ on CIFAR-10 / ImageNet).
 
 One run = one (data set, backward method, seed): the model (an MDEQ with the forward solver and
-the backward strategy of the run) is trained by the shared :class:`shine.training.Trainer` with
-:class:`shine.training.classification.ClassificationStepper` — unrolled weight-tied pretraining
-for ``pretrain_steps`` batches, then equilibrium training — and evaluated after every epoch.
+the backward strategy of the run) is trained by the shared :class:`shine.harness.training.Trainer`
+with
+:class:`shine.harness.training.classification.ClassificationStepper` — unrolled weight-tied
+pretraining for ``pretrain_steps`` batches, then equilibrium training — and evaluated after every
+epoch.
 
 Data parallelism: launched as several processes (``torchrun --nproc_per_node=G train.py ...`` or
-one ``srun`` task per GPU, see :mod:`shine.runtime.distributed`), each process joins the process
-group, builds the same model (same seed; ``DistributedDataParallel`` also broadcasts rank 0's
+one ``srun`` task per GPU, see :mod:`shine.harness.runtime.distributed`), each process joins the
+process group, builds the same model (same seed; ``DistributedDataParallel`` also broadcasts rank
+0's
 parameters) and trains on its share of every global batch of ``batch_size`` samples; the run is
 then the single-process run on the same global batches, up to rounding, except that BatchNorm
-statistics are per process (see :mod:`shine.training.classification`). Every rank evaluates a
-shard of the test set; only rank 0 writes the run directory (``train.py`` gives the others a
+statistics are per process (see :mod:`shine.harness.training.classification`). Every rank evaluates
+a shard of the test set; only rank 0 writes the run directory (``train.py`` gives the others a
 read-only one).
 """
 
@@ -26,12 +29,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from shine.backward import BackwardStrategy
-from shine.runtime.devices import resolve_dtype
-from shine.runtime.distributed import DistInfo, detect_launch, init_distributed
-from shine.runtime.run_dir import RunDirectory
+from shine.harness.runtime.devices import resolve_dtype
+from shine.harness.runtime.distributed import DistInfo, detect_launch, init_distributed
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.training.classification import ClassificationStepper, OptimizerFactory
+from shine.harness.training.trainer import Trainer
 from shine.solvers.base import RootSolver
-from shine.training.classification import ClassificationStepper, OptimizerFactory
-from shine.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 

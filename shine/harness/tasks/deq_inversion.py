@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 from shine.backward import JacobianFree, Shine, cosine_and_ratio
-from shine.runtime.run_dir import RunDirectory
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.tasks.deq_common import DEQTask, deq_inputs, progress_due, resumable
 from shine.solvers import AdjointBroyden, Broyden
-from shine.tasks.deq_common import DEQTask, deq_inputs, progress_due, resumable
 
 logger = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 
 from shine.data.images import make_loader
-from shine.runtime.devices import resolve_dtype
-from shine.runtime.run_dir import RunDirectory
-from shine.tasks.deq_common import DEQTask, deq_inputs, progress_due, resumable
+from shine.harness.runtime.devices import resolve_dtype
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.tasks.deq_common import DEQTask, deq_inputs, progress_due, resumable
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from shine.runtime.run_dir import RunDirectory
+from shine.harness.runtime.run_dir import RunDirectory
 
 logger = logging.getLogger(__name__)
 

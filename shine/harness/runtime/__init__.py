@@ -4,13 +4,13 @@ Plain Python (no Hydra): ``train.py`` builds a :class:`RunDirectory` from the co
 configuration and hands it to the task, which logs metrics and checkpoints through it.
 """
 
-from shine.runtime.devices import resolve_dtype
-from shine.runtime.distributed import DistInfo, detect_launch, init_distributed
-from shine.runtime.metrics import JsonlMetrics
-from shine.runtime.provenance import environment_info, git_state
-from shine.runtime.run_dir import RunDirectory
-from shine.runtime.seeding import derived_seed, seed_everything
-from shine.runtime.wandb_mirror import WandbMirror
+from shine.harness.runtime.devices import resolve_dtype
+from shine.harness.runtime.distributed import DistInfo, detect_launch, init_distributed
+from shine.harness.runtime.metrics import JsonlMetrics
+from shine.harness.runtime.provenance import environment_info, git_state
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.runtime.seeding import derived_seed, seed_everything
+from shine.harness.runtime.wandb_mirror import WandbMirror
 
 __all__ = [
     "DistInfo",

@@ -14,8 +14,8 @@ batches of its data. The helpers here keep the three tasks consistent:
   and the per-batch random generator (:meth:`~DEQTask.batch_generator`) from the fields they
   share (``data``, ``model``, ``batch_size``, ``seed``, ``device``, ``dtype``, ``num_workers``);
 * :func:`resume_index` and :func:`resumable` implement the tasks' resume contract on a
-  :class:`~shine.runtime.run_dir.RunDirectory`: a counter in the task checkpoint says how many
-  items (batches or methods) are complete.
+  :class:`~shine.harness.runtime.run_dir.RunDirectory`: a counter in the task checkpoint says how
+  many items (batches or methods) are complete.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from shine.data.images import make_loader
-from shine.runtime.devices import resolve_dtype
-from shine.runtime.run_dir import RunDirectory
-from shine.runtime.seeding import derived_seed
+from shine.harness.runtime.devices import resolve_dtype
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.runtime.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 
-#: the checkpoint of a run directory (``shine.runtime.RunDirectory.CHECKPOINT``)
+#: the checkpoint of a run directory (``shine.harness.runtime.RunDirectory.CHECKPOINT``)
 RUN_CHECKPOINT = "checkpoints/last.pt"
 
 _T = TypeVar("_T")
@@ -66,7 +66,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, An
     """Load the model weights of a training checkpoint into ``model``.
 
     Accepts a checkpoint of the run contract (``{"step", "state": {"stepper": {"model": ...}}}``,
-    as written by :class:`shine.training.Trainer`), a ``{"stepper": {"model": ...}}`` or
+    as written by :class:`shine.harness.training.Trainer`), a ``{"stepper": {"model": ...}}`` or
     ``{"model": ...}`` mapping, or a bare state dict. Loaded with ``weights_only=True``.
 
     Args:

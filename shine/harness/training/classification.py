@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shine.data.images import SeededItems, make_loader, seed_worker
-from shine.runtime.devices import synchronize
-from shine.runtime.distributed import all_reduce_mean, all_reduce_sum
-from shine.runtime.seeding import derived_seed
+from shine.harness.runtime.devices import synchronize
+from shine.harness.runtime.distributed import all_reduce_mean, all_reduce_sum
+from shine.harness.runtime.seeding import derived_seed
 
 logger = logging.getLogger(__name__)
 

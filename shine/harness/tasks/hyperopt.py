@@ -4,8 +4,8 @@ One run = one (data set, method, seed): the data set is split with the seed (tra
 held-out test), the inner problem (ℓ2-regularised logistic regression or nonlinear least
 squares) is built on the training part, and the method (:class:`shine.bilevel.HOAG` with a
 backward strategy, or a grid / random search) runs through the shared
-:class:`shine.training.Trainer`. Each record of ``metrics.jsonl`` holds the cumulative time of
-the outer steps (held-out evaluation excluded), ``log_lambda``, the outer loss, the held-out
+:class:`shine.harness.training.Trainer`. Each record of ``metrics.jsonl`` holds the cumulative time
+of the outer steps (held-out evaluation excluded), ``log_lambda``, the outer loss, the held-out
 ``test_loss``, inner iterations and time, backward time and iterations and the hypergradient.
 """
 
@@ -21,10 +21,10 @@ import torch
 from shine.bilevel.hoag import HOAG, BilevelProblem
 from shine.bilevel.losses import L2Regularized, LinearModelLoss, LogisticLoss, SigmoidSquaredLoss
 from shine.bilevel.search import GridSearch, RandomSearch
-from shine.runtime.devices import resolve_dtype
-from shine.runtime.run_dir import RunDirectory
-from shine.runtime.seeding import derived_seed
-from shine.training.trainer import Trainer
+from shine.harness.runtime.devices import resolve_dtype
+from shine.harness.runtime.run_dir import RunDirectory
+from shine.harness.runtime.seeding import derived_seed
+from shine.harness.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 

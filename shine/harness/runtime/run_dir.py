@@ -11,7 +11,7 @@ Layout of a run directory::
                            (``status``: ``complete`` or ``diverged``)
     train.log              the log of every invocation (written by train.py)
     wandb_id               the wandb run id, so that a resumed run continues the same wandb run
-    .lock, .lock.json      the writer's lock and its holder (see shine.runtime.lock)
+    .lock, .lock.json      the writer's lock and its holder (see shine.harness.runtime.lock)
 
 A run that is interrupted (killed, pre-empted, requeued) is resumed by starting it again on the
 same directory: :meth:`RunDirectory.start` loads the checkpoint and drops the metric records
@@ -42,10 +42,10 @@ from typing import Any
 import torch
 import yaml
 
-from shine.runtime.lock import RunLock
-from shine.runtime.metrics import JsonlMetrics, make_record, to_jsonable
-from shine.runtime.provenance import environment_info, git_state
-from shine.runtime.wandb_mirror import WandbMirror
+from shine.harness.runtime.lock import RunLock
+from shine.harness.runtime.metrics import JsonlMetrics, make_record, to_jsonable
+from shine.harness.runtime.provenance import environment_info, git_state
+from shine.harness.runtime.wandb_mirror import WandbMirror
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +214,10 @@ class RunDirectory:
 
     # ------------------------------------------------------------------ one writer
     def acquire(self) -> None:
-        """Take the writer's lock (no-op when read-only); see :class:`shine.runtime.lock.RunLock`.
+        """Take the writer's lock (no-op when read-only); see :class:`~.lock.RunLock`.
 
         Raises:
-            shine.runtime.lock.RunLockedError: another live process writes this directory.
+            shine.harness.runtime.lock.RunLockedError: another live process writes this directory.
         """
         if not self.read_only:
             self._lock.acquire()

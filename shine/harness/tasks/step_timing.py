@@ -9,9 +9,9 @@ The protocol (the authors' ``mdeq_lib/debug/cls_grad_time.py`` with its timing b
 * **implicit** = ``model.last_backward_time``: the correction alone, timed inside the autograd
   hook (not synchronised on a GPU);
 
-each framed by :func:`~shine.runtime.devices.synchronize` (``torch.cuda.synchronize()`` on a
-GPU, a no-op on the CPU), so that queued kernels of the forward do not leak into the backward
-time. The one implementation: :class:`~shine.tasks.deq_timing.DEQTiming` (the ``*_timing``
+each framed by :func:`~shine.harness.runtime.devices.synchronize` (``torch.cuda.synchronize()`` on
+a GPU, a no-op on the CPU), so that queued kernels of the forward do not leak into the backward
+time. The one implementation: :class:`~shine.harness.tasks.deq_timing.DEQTiming` (the ``*_timing``
 experiments) and ``scripts/bench_deq.py`` time their steps with it.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from shine.runtime.devices import synchronize
+from shine.harness.runtime.devices import synchronize
 
 
 @dataclass(frozen=True)
