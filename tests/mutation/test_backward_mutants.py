@@ -178,3 +178,63 @@ def test_diagnose_gives_the_strategy_the_warm_start():
     out = Diagnose(IFT(max_iter=1, tol=1e-10))(vjp, rhs, NO_ESTIMATE, u0=u_star)
     torch.testing.assert_close(out.value, u_star, rtol=1e-9, atol=1e-12)
     assert out.stats.extra["cos_to_reference"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_adjoint_solver_objects_pass_on_their_settings():
+    from shine.backward.strategies import BroydenAdjoint, ConjugateGradientAdjoint
+    from shine.solvers import Broyden
+
+    vjp, exact = linear_system()
+    rhs = rhs_of(2)
+    # the warm start reaches both adjoint solvers: from the solution, one step keeps it
+    for solver in (BroydenAdjoint(), ConjugateGradientAdjoint()):
+        svjp, sexact = (
+            (vjp, exact) if isinstance(solver, BroydenAdjoint) else linear_system(spd=True)
+        )
+        u = sexact(rhs)
+        out = solver(svjp, rhs, NO_ESTIMATE, u0=u, max_iter=1, tol=1e-10)
+        torch.testing.assert_close(out.value, u, rtol=1e-9, atol=1e-12)
+    # memory is passed on: a memory of 1 term differs from the default (max_iter terms)
+    long = dict(u0=None, max_iter=12, tol=0.0)
+    big_vjp, _ = linear_system(dim=40, seed=3, strength=2.0)
+    big_rhs = rhs_of(1, dim=40)
+    one = BroydenAdjoint(memory=1)(big_vjp, big_rhs, NO_ESTIMATE, **long)
+    default = BroydenAdjoint()(big_vjp, big_rhs, NO_ESTIMATE, **long)
+    assert not torch.allclose(one.value, default.value)
+    with pytest.raises(ValueError, match="memory"):
+        BroydenAdjoint(memory=0)
+    BroydenAdjoint(memory=1)  # valid
+    # initial_matrix: h0 (no forward estimate needed), forward = Hᵀ, forward_as_is = H
+    fwd = Broyden(max_iter=6, tol=0.0, memory=10, inverse_at="last")(
+        lambda z: torch.tanh(z @ (0.5 * torch.eye(8, dtype=DT))) - z + 0.3, rhs.clone()
+    )
+    H = fwd.inverse
+    zero = dict(u0=None, max_iter=1, tol=0.0)  # one step from 0: u = Hinit·rhs
+    t = BroydenAdjoint(initial_matrix="forward")(vjp, rhs, fwd, **zero)
+    a = BroydenAdjoint(initial_matrix="forward_as_is")(vjp, rhs, fwd, **zero)
+    h = BroydenAdjoint(initial_matrix="h0")(vjp, rhs, fwd, **zero)
+    torch.testing.assert_close(t.value, H.rmatvec(rhs))
+    torch.testing.assert_close(a.value, H.matvec(rhs))
+    torch.testing.assert_close(h.value, -rhs)
+    for bad in ("forward", "forward_as_is"):
+        with pytest.raises(ValueError, match="Broyden-type forward estimate"):
+            BroydenAdjoint(initial_matrix=bad)(vjp, rhs, NO_ESTIMATE, **zero)
+    for ok in ("h0", "forward", "forward_as_is"):
+        BroydenAdjoint(initial_matrix=ok)
+    with pytest.raises(ValueError, match="initial_matrix"):
+        BroydenAdjoint(initial_matrix="H0")
+
+
+def test_iteration_counts_of_zero_are_valid_and_batches_of_one_keep_their_shape():
+    IFT(max_iter=0, tol=0.0)
+    Refine(n_steps=0, tol=0.0)
+    for bad in (dict(max_iter=-1), dict(tol=-1.0)):
+        with pytest.raises(ValueError):
+            IFT(**bad)
+    for bad in (dict(n_steps=-1), dict(tol=-1.0)):
+        with pytest.raises(ValueError):
+            Refine(**bad)
+    vjp, _ = linear_system()
+    rhs = rhs_of(1)  # a batch of one sample stays (1, D)
+    out = Fallback(IFT(max_iter=4, tol=0.0), JacobianFree(), ratio=0.0)(vjp, rhs, NO_ESTIMATE)
+    assert out.value.shape == (1, 8) and out.stats.fallback_mask.shape == (1,)
