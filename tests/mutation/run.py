@@ -152,6 +152,7 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
     exit_codes = {k: v for k, v in collect(work).items() if selected(k, packages)}
     equivalent = read_equivalent()
     rows, survivors, new_messages, mismatched = {}, [], [], []
+    files: dict[str, Counter] = {}
     for name, code in sorted(exit_codes.items()):
         status = STATUS.get(code, "suspicious")
         if status == "survived":
@@ -168,6 +169,7 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
         elif status == "no tests":
             survivors.append((f"{name} (no selected test executes it)", diff_of(work, name)))
         rows.setdefault(package_of(name), Counter())[status] += 1
+        files.setdefault(mutant_file(name), Counter())[status] += 1
     if add_messages and new_messages:
         with EQUIVALENT.open("a", encoding="utf-8") as f:
             for name in new_messages:
@@ -201,6 +203,11 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
     for pkg, c in rows.items():
         cells = " | ".join(str(c[k]) for k in columns)
         lines.append(f"| {pkg} | {cells} | {other(c)} | {fraction(c):.3f} |")
+    lines += ["", "| file | " + " | ".join(columns) + " | other | killed fraction |"]
+    lines.append("|---" * (len(columns) + 3) + "|")
+    for path, c in sorted(files.items()):
+        cells = " | ".join(str(c[k]) for k in columns)
+        lines.append(f"| {path} | {cells} | {other(c)} | {fraction(c):.3f} |")
     if new_messages and not add_messages:
         lines += [
             "",
