@@ -227,6 +227,9 @@ def test_a_method_experiment_without_a_method_is_refused_and_leaves_nothing(tmp_
         ("trainer.batch_size=abc", "full_key: trainer.batch_size"),
         ("trainer.max_step=3", "Could not override 'trainer.max_step'"),
         ("method.solver.max_iter=0", "solver.max_iter must be >= 1 to train a DEQ"),
+        ("method.solver.max_iter=abc", "Broyden.max_iter must be int, got 'abc' (str)"),
+        ("method.solver.tol=-1", "Broyden.tol must be >= 0.0, got -1"),
+        ("+method.solver.max_itr=3", "unexpected keyword argument 'max_itr'"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_built(tmp_path, override, message):

@@ -35,6 +35,7 @@ from shine.solvers.base import SolverResult, as_batch, batch_norm
 from shine.solvers.broyden import Broyden
 from shine.solvers.linear import ConjugateGradient
 from shine.solvers.low_rank import LowRankInverse
+from shine.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,15 @@ class JacobianFree:
     """
 
     scale: float | None = None
+
+    def __post_init__(self) -> None:
+        """Validate the fields (types, ranges).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: a field out of range (the field and its range are named).
+        """
+        check_fields(self)
 
     def __call__(
         self, vjp: VJPFn, rhs: Tensor, fwd: SolverResult, *, u0: Tensor | None = None
@@ -190,6 +200,7 @@ class BroydenAdjoint:
         Raises:
             ValueError: on an unknown ``initial_matrix`` or a memory below 1.
         """
+        check_fields(self)
         if self.initial_matrix not in ("h0", "forward", "forward_as_is"):
             raise ValueError(
                 "initial_matrix must be 'h0', 'forward' or 'forward_as_is', got "
@@ -285,6 +296,7 @@ class IFT:
         Raises:
             ValueError: on a negative ``max_iter`` or ``tol``.
         """
+        check_fields(self)
         if self.max_iter < 0 or self.tol < 0:
             raise ValueError(f"need max_iter >= 0 and tol >= 0, got {self.max_iter}, {self.tol}")
 
@@ -319,6 +331,7 @@ class Refine:
         Raises:
             ValueError: on a negative ``n_steps`` or ``tol``.
         """
+        check_fields(self)
         if self.n_steps < 0 or self.tol < 0:
             raise ValueError(f"need n_steps >= 0 and tol >= 0, got {self.n_steps}, {self.tol}")
 
@@ -353,6 +366,15 @@ class Fallback:
     primary: BackwardStrategy = field(default_factory=Shine)
     fallback: BackwardStrategy = field(default_factory=JacobianFree)
     ratio: float = 1.3
+
+    def __post_init__(self) -> None:
+        """Validate the fields (types, ranges).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: a field out of range (the field and its range are named).
+        """
+        check_fields(self, minimum={"ratio": 0.0})
 
     def __call__(
         self, vjp: VJPFn, rhs: Tensor, fwd: SolverResult, *, u0: Tensor | None = None

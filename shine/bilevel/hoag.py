@@ -101,6 +101,7 @@ from shine.bilevel.losses import L2Regularized, LinearModelLoss
 from shine.solvers.base import SolverResult
 from shine.solvers.lbfgs import LBFGS, LBFGSMemory, lbfgsb_workspace_inverse
 from shine.solvers.scipy_lbfgsb import ScipyLBFGSB
+from shine.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class ToleranceSchedule:
         Raises:
             ValueError: on an unknown kind or out-of-range constants.
         """
+        check_fields(self, positive=("initial",))
         if self.kind not in ("exponential", "quadratic", "cubic", "exact"):
             raise ValueError(
                 f"tolerance kind must be exponential, quadratic, cubic or exact, got {self.kind!r}"
@@ -181,6 +183,15 @@ class Scheduled:
     steps_scale: float = 100.0
     steps_exponent: float = 0.5
     min_steps: int = 0
+
+    def __post_init__(self) -> None:
+        """Validate the fields (types, ranges).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: a field out of range (the field and its range are named).
+        """
+        check_fields(self, minimum={"min_steps": 0}, positive=("steps_scale",))
 
     def at(self, eps: float) -> BackwardStrategy:
         """The strategy to use at tolerance ``eps``.
@@ -376,6 +387,7 @@ class HOAG:
         Raises:
             ValueError: on an unknown mode, missing backward, or bad constants.
         """
+        check_fields(self, positive=("step_c", "max_step"))
         if self.mode not in ("faithful", "robust"):
             raise ValueError(f"mode must be 'faithful' or 'robust', got {self.mode!r}")
         if self.backward is None:

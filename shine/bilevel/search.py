@@ -33,6 +33,7 @@ from shine.bilevel.hoag import BilevelProblem
 from shine.rng import derived_seed
 from shine.solvers.lbfgs import LBFGS
 from shine.solvers.scipy_lbfgsb import ScipyLBFGSB
+from shine.validation import check_fields
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class _Search:
         Raises:
             ValueError: on an empty range or no candidates.
         """
+        check_fields(self)
         if self.n_points < 1:
             raise ValueError(f"n_points must be >= 1, got {self.n_points}")
         if not self.low < self.high:

@@ -30,6 +30,7 @@ from shine.solvers._tracking import BestIterateTracker
 from shine.solvers.base import ResidualFn, SolverResult, as_batch, batch_norm
 from shine.solvers.broyden import InverseAt, _safe_division, check_residual, select_estimate
 from shine.solvers.low_rank import LowRankInverse, LowRankMemory, MemoryPolicy
+from shine.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,25 @@ class AdjointBroyden:
     memory_policy: MemoryPolicy = "fifo"
     inverse_at: InverseAt = "lowest"
     noise_floor: float = 10.0
+
+    def __post_init__(self) -> None:
+        """Validate the fields (types, ranges).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: a field out of range (the field and its range are named).
+        """
+        check_fields(
+            self,
+            minimum={
+                "max_iter": 0,
+                "tol": 0.0,
+                "rel_tol": 0.0,
+                "memory": 1,
+                "opa_every": 1,
+                "noise_floor": 0.0,
+            },
+        )
 
     def __call__(
         self,

@@ -23,6 +23,7 @@ from torch import Tensor
 from shine.solvers._tracking import BestIterateTracker
 from shine.solvers.base import ResidualFn, SolverResult, as_batch, batch_dot, batch_norm
 from shine.solvers.low_rank import LowRankInverse, LowRankMemory, MemoryPolicy
+from shine.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,17 @@ class Broyden:
     ls_c: float = 1e-4
     memory_policy: MemoryPolicy = "fifo"
     inverse_at: InverseAt = "lowest"
+
+    def __post_init__(self) -> None:
+        """Validate the fields (types, ranges).
+
+        Raises:
+            TypeError: a field of the wrong type.
+            ValueError: a field out of range (the field and its range are named).
+        """
+        check_fields(
+            self, minimum={"max_iter": 0, "tol": 0.0, "rel_tol": 0.0, "memory": 1, "ls_max": 1}
+        )
 
     def __call__(
         self, g: ResidualFn, z0: Tensor, init_inverse: LowRankInverse | None = None

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from shine.solvers._tracking import BestIterateTracker
 from shine.solvers.base import ResidualFn, SolverResult, as_batch
+from shine.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class FixedPoint:
         Raises:
             ValueError: on negative iteration counts or tolerances.
         """
+        check_fields(self, minimum={"max_iter": 0, "tol": 0.0, "rel_tol": 0.0})
         _check_tolerances(self.max_iter, self.tol, self.rel_tol)
 
     def __call__(self, g: ResidualFn, z0: Tensor) -> SolverResult:
@@ -128,6 +130,7 @@ class Anderson:
         Raises:
             ValueError: on invalid parameters.
         """
+        check_fields(self, minimum={"max_iter": 0, "tol": 0.0, "rel_tol": 0.0})
         _check_tolerances(self.max_iter, self.tol, self.rel_tol)
         if self.memory < 1:
             raise ValueError(f"memory must be >= 1, got {self.memory}")

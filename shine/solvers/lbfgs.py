@@ -43,6 +43,7 @@ from torch import Tensor
 
 from shine.solvers.base import ObjectiveFn, SolverResult, SolverStats
 from shine.solvers.line_search import TrialPoint, default_value_noise, strong_wolfe
+from shine.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -677,6 +678,7 @@ class LBFGS:
         Raises:
             ValueError: on invalid parameters.
         """
+        check_fields(self, minimum={"tol": 0.0, "rel_tol": 0.0})
         check_minimizer_settings(self.memory, self.max_iter, self.max_ls, self.stop_test)
         if self.line_search not in ("strong_wolfe", "none"):
             raise ValueError(

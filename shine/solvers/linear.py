@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from shine.solvers.base import SolverResult, SolverStats, as_batch, batch_norm
+from shine.validation import check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ConjugateGradient:
         Raises:
             ValueError: on a negative ``max_iter`` or ``tol``.
         """
+        check_fields(self, minimum={"tol": 0.0})
         if self.max_iter < 0:
             raise ValueError(f"max_iter must be >= 0, got {self.max_iter}")
         if self.tol < 0:
