@@ -42,7 +42,7 @@ endef
 venv: ## create or update .venv (pip install -e ".[dev]"; no-op when up to date)
 	$(call install,dev,$(VENV_STAMP))
 
-test: venv ## run the whole test suite, slow end-to-end tests included (~10-11 min on 2 cores; one OpenMP thread per process)
+test: venv ## run the whole test suite, slow end-to-end tests included (~12 min on 2 cores, 728 s measured; one OpenMP thread per process)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS)
 
 test-gpu: venv ## on a CUDA machine: the gpu-marked tests, then bench-deq on the GPU (< 8 min; they skip without a device)
