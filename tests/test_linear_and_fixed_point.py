@@ -197,8 +197,10 @@ def test_damped_fixed_point_and_validation(deq):
     for cls in (FixedPoint, Anderson):
         with pytest.raises(ValueError, match="max_iter"):
             cls(max_iter=-1)
-        with pytest.raises(ValueError, match="tolerances"):
+        with pytest.raises(ValueError, match=r"tol must be >= 0\.0, got -1\.0"):
             cls(tol=-1.0)
+        with pytest.raises(ValueError, match="rel_tol must be >= 0"):
+            cls(rel_tol=-1e-3)
     with pytest.raises(ValueError, match="memory"):
         Anderson(memory=0)
     with pytest.raises(ValueError, match="lam"):

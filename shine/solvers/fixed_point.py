@@ -31,13 +31,6 @@ def _batched_residual(g: ResidualFn, unbatched: bool) -> ResidualFn:
     return lambda z: g(z).detach()
 
 
-def _check_tolerances(max_iter: int, tol: float, rel_tol: float) -> None:
-    if max_iter < 0:
-        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
-    if tol < 0 or rel_tol < 0:
-        raise ValueError(f"tolerances must be >= 0, got tol={tol}, rel_tol={rel_tol}")
-
-
 @dataclass(frozen=True)
 class FixedPoint:
     """Damped fixed-point iteration ``z_{n+1} = z_n + step·g(z_n)`` on a batch.
@@ -64,7 +57,6 @@ class FixedPoint:
             ValueError: on negative iteration counts or tolerances.
         """
         check_fields(self, minimum={"max_iter": 0, "tol": 0.0, "rel_tol": 0.0})
-        _check_tolerances(self.max_iter, self.tol, self.rel_tol)
 
     def __call__(self, g: ResidualFn, z0: Tensor) -> SolverResult:
         """Solve ``g(z) = 0`` from ``z0``.
@@ -131,7 +123,6 @@ class Anderson:
             ValueError: on invalid parameters.
         """
         check_fields(self, minimum={"max_iter": 0, "tol": 0.0, "rel_tol": 0.0})
-        _check_tolerances(self.max_iter, self.tol, self.rel_tol)
         if self.memory < 1:
             raise ValueError(f"memory must be >= 1, got {self.memory}")
         if self.lam < 0:
