@@ -201,11 +201,6 @@ class BroydenAdjoint:
             ValueError: on an unknown ``initial_matrix`` or a memory below 1.
         """
         check_fields(self)
-        if self.initial_matrix not in ("h0", "forward", "forward_as_is"):
-            raise ValueError(
-                "initial_matrix must be 'h0', 'forward' or 'forward_as_is', got "
-                f"{self.initial_matrix!r}"
-            )
         if self.memory is not None and self.memory < 1:
             raise ValueError(f"memory must be None or >= 1, got {self.memory}")
 

@@ -73,8 +73,6 @@ class _Search:
             raise ValueError(f"n_points must be >= 1, got {self.n_points}")
         if not self.low < self.high:
             raise ValueError(f"need low < high, got low={self.low}, high={self.high}")
-        if self.mode not in ("faithful", "robust"):
-            raise ValueError(f"mode must be 'faithful' or 'robust', got {self.mode!r}")
 
     def inner_solver(self, tol: float) -> LBFGS | ScipyLBFGSB:
         """The solver of one candidate's inner problem, to the absolute tolerance ``tol``."""

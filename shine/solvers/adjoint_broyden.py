@@ -128,10 +128,6 @@ class AdjointBroyden:
                 "AdjointBroyden with opa_every set needs the outer gradient: call "
                 "solver(g, z0, outer_grad=lambda z: dL/dz), or set opa_every=None"
             )
-        if self.opa_orientation not in ("transpose", "as_is"):
-            raise ValueError(
-                f"opa_orientation must be 'transpose' or 'as_is', got {self.opa_orientation!r}"
-            )
         z, unbatched = as_batch(z0.detach())
         gfun = (lambda x: g(x.squeeze(0)).unsqueeze(0)) if unbatched else g
         ogfun = outer_grad

@@ -680,10 +680,6 @@ class LBFGS:
         """
         check_fields(self, minimum={"tol": 0.0, "rel_tol": 0.0})
         check_minimizer_settings(self.memory, self.max_iter, self.max_ls, self.stop_test)
-        if self.line_search not in ("strong_wolfe", "none"):
-            raise ValueError(
-                f"line_search must be 'strong_wolfe' or 'none', got {self.line_search!r}"
-            )
         if not 0.0 < self.c1 < self.c2 < 1.0:
             raise ValueError(f"need 0 < c1 < c2 < 1, got c1={self.c1}, c2={self.c2}")
         if self.opa_every is not None and self.opa_every < 1:
@@ -694,10 +690,6 @@ class LBFGS:
             raise ValueError(f"noise_floor must be >= 0, got {self.noise_floor}")
         if self.min_iter < 0:
             raise ValueError(f"min_iter must be >= 0, got {self.min_iter}")
-        if self.opa_schedule not in ("paper", "authors"):
-            raise ValueError(
-                f"opa_schedule must be 'paper' or 'authors', got {self.opa_schedule!r}"
-            )
 
     def _opa_due(self, n: int) -> bool:
         """Whether an OPA pair is made before the regular step of iteration ``n`` (0-based)."""
