@@ -200,9 +200,7 @@ class BroydenAdjoint:
         Raises:
             ValueError: on an unknown ``initial_matrix`` or a memory below 1.
         """
-        check_fields(self)
-        if self.memory is not None and self.memory < 1:
-            raise ValueError(f"memory must be None or >= 1, got {self.memory}")
+        check_fields(self, minimum={"memory": 1})
 
     def __call__(
         self,
@@ -291,9 +289,7 @@ class IFT:
         Raises:
             ValueError: on a negative ``max_iter`` or ``tol``.
         """
-        check_fields(self)
-        if self.max_iter < 0 or self.tol < 0:
-            raise ValueError(f"need max_iter >= 0 and tol >= 0, got {self.max_iter}, {self.tol}")
+        check_fields(self, minimum={"max_iter": 0, "tol": 0.0})
 
     def __call__(
         self, vjp: VJPFn, rhs: Tensor, fwd: SolverResult, *, u0: Tensor | None = None
@@ -326,9 +322,7 @@ class Refine:
         Raises:
             ValueError: on a negative ``n_steps`` or ``tol``.
         """
-        check_fields(self)
-        if self.n_steps < 0 or self.tol < 0:
-            raise ValueError(f"need n_steps >= 0 and tol >= 0, got {self.n_steps}, {self.tol}")
+        check_fields(self, minimum={"n_steps": 0, "tol": 0.0})
 
     def __call__(
         self, vjp: VJPFn, rhs: Tensor, fwd: SolverResult, *, u0: Tensor | None = None

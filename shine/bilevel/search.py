@@ -68,9 +68,7 @@ class _Search:
         Raises:
             ValueError: on an empty range or no candidates.
         """
-        check_fields(self)
-        if self.n_points < 1:
-            raise ValueError(f"n_points must be >= 1, got {self.n_points}")
+        check_fields(self, minimum={"n_points": 1})
         if not self.low < self.high:
             raise ValueError(f"need low < high, got low={self.low}, high={self.high}")
 

@@ -122,11 +122,9 @@ class Anderson:
         Raises:
             ValueError: on invalid parameters.
         """
-        check_fields(self, minimum={"max_iter": 0, "tol": 0.0, "rel_tol": 0.0})
-        if self.memory < 1:
-            raise ValueError(f"memory must be >= 1, got {self.memory}")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        check_fields(
+            self, minimum={"max_iter": 0, "tol": 0.0, "rel_tol": 0.0, "memory": 1, "lam": 0.0}
+        )
 
     def __call__(self, g: ResidualFn, z0: Tensor) -> SolverResult:
         """Solve ``g(z) = 0`` from ``z0``.

@@ -678,18 +678,20 @@ class LBFGS:
         Raises:
             ValueError: on invalid parameters.
         """
-        check_fields(self, minimum={"tol": 0.0, "rel_tol": 0.0})
+        check_fields(
+            self,
+            minimum={
+                "tol": 0.0,
+                "rel_tol": 0.0,
+                "opa_every": 1,
+                "noise_floor": 0.0,
+                "min_iter": 0,
+            },
+            positive=("opa_t0",),
+        )
         check_minimizer_settings(self.memory, self.max_iter, self.max_ls, self.stop_test)
         if not 0.0 < self.c1 < self.c2 < 1.0:
             raise ValueError(f"need 0 < c1 < c2 < 1, got c1={self.c1}, c2={self.c2}")
-        if self.opa_every is not None and self.opa_every < 1:
-            raise ValueError(f"opa_every must be None or >= 1, got {self.opa_every}")
-        if not self.opa_t0 > 0.0:
-            raise ValueError(f"opa_t0 must be positive, got {self.opa_t0}")
-        if not self.noise_floor >= 0.0:
-            raise ValueError(f"noise_floor must be >= 0, got {self.noise_floor}")
-        if self.min_iter < 0:
-            raise ValueError(f"min_iter must be >= 0, got {self.min_iter}")
 
     def _opa_due(self, n: int) -> bool:
         """Whether an OPA pair is made before the regular step of iteration ``n`` (0-based)."""

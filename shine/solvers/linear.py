@@ -47,11 +47,7 @@ class ConjugateGradient:
         Raises:
             ValueError: on a negative ``max_iter`` or ``tol``.
         """
-        check_fields(self, minimum={"tol": 0.0})
-        if self.max_iter < 0:
-            raise ValueError(f"max_iter must be >= 0, got {self.max_iter}")
-        if self.tol < 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        check_fields(self, minimum={"max_iter": 0, "tol": 0.0})
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> SolverResult:
         """Solve ``A x = b``.
