@@ -18,6 +18,9 @@ error / log message (the rule is ``is_message_mutant``), for review before commi
     python tests/mutation/run.py [--packages shine/backward shine/deq] [--ref HEAD] [--jobs 2]
     python tests/mutation/run.py --survivors  # re-test the survivors only (after a new test)
     python tests/mutation/run.py --report-only
+    python tests/mutation/run.py --check NAME [NAME ...] --tests tests/mutation/test_x.py
+        # while writing a test: does it kill these mutants? (runs it against each mutant of
+        # the last run's mutants/ copy, without touching mutmut's results)
 """
 
 from __future__ import annotations
@@ -239,6 +242,43 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
     return fraction(total)
 
 
+def check(work: Path, names: list[str], tests: list[str]) -> int:
+    """Run ``tests`` (paths relative to the checkout) against each mutant in ``names`` in the
+    last run's ``mutants/`` copy; print killed / survived per mutant. The mutants' cache and
+    results are left alone; the test files are copied in (the current version of each)."""
+    mutants = work / "mutants"
+    if not (mutants / "shine").is_dir():
+        print(f"no mutants in {mutants}: run `make mutation` first", file=sys.stderr)
+        return 2
+    for test in tests:
+        target = mutants / test
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / test, target)
+    env = os.environ | {"PYTHONPATH": str(mutants), "OMP_NUM_THREADS": "1"}
+    # one process for all the mutants: the trampolines read MUTANT_UNDER_TEST at each call
+    driver = (
+        "import contextlib, io, os, sys, pytest\n"
+        "args = ['-x', '-q', '-p', 'no:cacheprovider', *sys.argv[2:]]\n"
+        "for name in [''] + sys.argv[1].split(','):\n"
+        "    os.environ['MUTANT_UNDER_TEST'] = name\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        code = int(pytest.main(args))\n"
+        "    if not name and code:\n"
+        "        sys.exit('the tests fail without a mutant: fix them first')\n"
+        "    if name:\n"
+        "        print('survived' if code == 0 else 'killed  ', name, flush=True)\n"
+    )
+    cmd = [sys.executable, "-c", driver, ",".join(names), *tests]
+    run = subprocess.run(cmd, cwd=mutants, env=env, capture_output=True, text=True)
+    print(run.stdout, end="")
+    if run.returncode:
+        print(run.stderr[-2000:], file=sys.stderr)
+        return 2
+    survived = run.stdout.count("survived ")
+    print(f"{len(names) - survived} killed, {survived} survived")
+    return 1 if survived else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packages", nargs="*", default=list(PACKAGES))
@@ -254,8 +294,12 @@ def main() -> int:
     )
     parser.add_argument("--add-message-equivalents", action="store_true")
     parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument("--check", nargs="+", metavar="MUTANT", help="mutants to run --tests on")
+    parser.add_argument("--tests", nargs="+", default=[], help="test files for --check")
     args = parser.parse_args()
     work = args.work or args.out / "work"
+    if args.check:
+        return check(work, args.check, args.tests or ["tests/mutation"])
     packages = [p.rstrip("/") for p in args.packages]
     meta_path = work.parent / "run.json"
     if args.report_only:
