@@ -220,8 +220,8 @@ class Broyden:
             return z_new, g_new, 1
         evals = 1
         norm0 = batch_norm(gz)
+        accepted = batch_norm(g_new) <= (1 - self.ls_c) * norm0  # the full step, α = 1
         alpha = torch.ones_like(norm0)
-        accepted = batch_norm(g_new) <= (1 - self.ls_c * alpha) * norm0
         for _ in range(self.ls_max):
             if bool(accepted.all()):
                 break
