@@ -398,13 +398,8 @@ class HOAG:
             raise ValueError(f"lambda0 must be finite, got {self.lambda0}")
         if self.opa_countdown < 1:
             raise ValueError(f"opa_countdown must be >= 1, got {self.opa_countdown}")
-        for name, choices in _CHOICES.items():
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise ValueError(
-                    f"{name} must be one of {', '.join(map(repr, choices))} or None (follow "
-                    f"mode), got {value!r}"
-                )
+        # the preset behaviours (step_rule, ..., opa_schedule) are `Literal[...] | None`
+        # fields: check_fields above already rejected any value outside their choices
         if self.behaviour("inner_solver") == "scipy_lbfgsb" and (
             self.inner_memory != "restart" or self.solver.opa_every is not None
         ):
