@@ -94,7 +94,7 @@ class Anderson:
     With the last ``m_n = min(n + 1, memory)`` iterates ``z_i`` and residuals ``g_i = g(z_i)``
     of a sample, the mixing weights solve the regularised least-squares problem
     ``min_α ‖Σ α_i g_i‖² + λ_n ‖α‖²`` s.t. ``Σ α_i = 1``, i.e. ``α ∝ (G Gᵀ + λ_n I)^{-1} 1``
-    (batched :func:`torch.linalg.solve`), and ``z_{n+1} = Σ α_i (z_i + β g_i)``. The
+    (batched :func:`torch.linalg.solve_ex`), and ``z_{n+1} = Σ α_i (z_i + β g_i)``. The
     regularisation is relative to the scale of the residuals, ``λ_n = lam · tr(G Gᵀ)/m_n``, so
     that it does not dominate near convergence; the first step is ``z_1 = z_0 + β g_0``.
 
@@ -136,7 +136,8 @@ class Anderson:
         Returns:
             :class:`~shine.solvers.base.SolverResult` as for :class:`FixedPoint`, with
             ``stats.extra["n_fallback_steps"]``: sample-steps where the least-squares solve was
-            not finite and a plain step was taken instead.
+            not finite (or singular, possible with ``lam = 0``) and a plain step was taken
+            instead.
         """
         z, unbatched = as_batch(z0.detach())
         gfun = _batched_residual(g, unbatched)
@@ -159,12 +160,17 @@ class Anderson:
             else:
                 gh, xh = gs[:, :n_hist], xs[:, :n_hist]
                 gram = gh @ gh.mT  # (B, n, n)
-                scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(z.dtype).eps)
-                gram = gram + (self.lam * scale)[:, None, None] * eye[:n_hist, :n_hist]
+                # (G Gᵀ + λ_n I) α ∝ 1 in the scale-free form (G Gᵀ/s + lam I) α ∝ 1,
+                # s = tr(G Gᵀ)/m_n: the same α after normalisation, with no absolute floor on
+                # the regularisation (tiny only avoids 0/0 for an all-zero history)
+                scale = gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(z.dtype).tiny)
+                gram = gram / scale[:, None, None] + self.lam * eye[:n_hist, :n_hist]
                 ones = z.new_ones(bsz, n_hist, 1)
-                alpha = torch.linalg.solve(gram, ones).squeeze(-1)
+                # solve_ex: a singular system (lam = 0) marks its sample bad instead of raising
+                alpha, info = torch.linalg.solve_ex(gram, ones)
+                alpha = alpha.squeeze(-1)
                 alpha = alpha / alpha.sum(-1, keepdim=True)
-                bad = ~torch.isfinite(alpha).all(-1)
+                bad = ~torch.isfinite(alpha).all(-1) | (info != 0)
                 if bool(bad.any()):
                     newest = nstep % m
                     alpha[bad] = torch.nn.functional.one_hot(

@@ -272,7 +272,8 @@ def strong_wolfe(
                     return done(new)
                 if not math.isfinite(new.deriv):
                     return fail("non-finite derivative")
-                if new.deriv * (hi.alpha - lo.alpha) >= 0.0:
+                # signs compared directly: the product φ'(new)·(hi - lo) may underflow to ±0
+                if (new.deriv > 0.0) == (hi.alpha > lo.alpha):
                     hi = lo
                 lo = new
         return fail("max_ls reached in zoom")
