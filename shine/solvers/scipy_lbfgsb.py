@@ -98,7 +98,8 @@ class ScipyLBFGSB:
             :class:`~shine.solvers.base.SolverResult`: ``value`` the returned point (on the
             device and dtype of ``z0``), ``inverse`` the L-BFGS-B estimate, ``state`` the
             :class:`LBFGSMemory`, ``stats.extra`` with ``n_committed`` (pairs pushed),
-            ``n_skipped_pairs``, ``stopped_in_line_search`` and ``value``.
+            ``n_skipped_pairs``, ``stopped_in_line_search`` and ``value`` (``r`` at the
+            returned point).
 
         Raises:
             ValueError: on a non-1-D ``z0``, an OPA direction or a non-empty warm start.
@@ -118,6 +119,7 @@ class ScipyLBFGSB:
         eps = float(np.finfo(np.float64).eps)
         test_every = self.stop_test == "every_evaluation"
         accepted: list[tuple[np.ndarray, np.ndarray]] = []
+        accepted_f: list[float] = []  # r at the accepted iterates
         last: dict[str, Any] = {}
         n_evals = [0]
 
@@ -128,6 +130,7 @@ class ScipyLBFGSB:
             last.update(x=x.copy(), f=float(value), g=g)
             if n_evals[0] == 1:
                 accepted.append((last["x"], g))
+                accepted_f.append(last["f"])
             if (test_every or n_evals[0] == 1) and float(np.linalg.norm(g)) < self.tol:
                 raise _Converged
             return last["f"], g
@@ -135,6 +138,7 @@ class ScipyLBFGSB:
         def callback(intermediate_result: Any) -> None:
             # L-BFGS-B calls back after each iteration; its last evaluation is the new iterate
             accepted.append((last["x"], last["g"]))
+            accepted_f.append(last["f"])
             if not test_every and float(np.linalg.norm(last["g"])) < self.tol:
                 raise StopIteration
 
@@ -173,7 +177,10 @@ class ScipyLBFGSB:
                     res.message,
                     len(accepted) - 1,
                 )
-            x_final, f_final, g_final = np.asarray(res.x), float(res.fun), np.asarray(res.jac)
+            # SciPy returns its last iterate, the last accepted one (restored after a failed
+            # line search, whose trial point's value res.fun then still holds): take the point,
+            # value and gradient from the record
+            (x_final, g_final), f_final = accepted[-1], accepted_f[-1]
             converged = float(np.linalg.norm(g_final)) < self.tol
         # a trial point of a line search, not an accepted iterate
         stopped_in_ls = res is None and last["x"] is not accepted[-1][0]
