@@ -18,6 +18,7 @@ error / log message (the rule is ``is_message_mutant``), for review before commi
     python tests/mutation/run.py [--packages shine/backward shine/deq] [--ref HEAD] [--jobs 2]
     python tests/mutation/run.py --survivors  # re-test the survivors only (after a new test)
     python tests/mutation/run.py --report-only
+    python tests/mutation/run.py --tidy-equivalents  # after source edits renumbered mutants
     python tests/mutation/run.py --check NAME [NAME ...] --tests tests/mutation/test_x.py
         # while writing a test: does it kill these mutants? (runs it against each mutant of
         # the last run's mutants/ copy, without touching mutmut's results)
@@ -94,6 +95,56 @@ def entry_matches(reason: str, diff: str) -> bool:
     return m is not None and m.group(1) == fingerprint(diff)
 
 
+def is_cuda_only(reason: str) -> bool:
+    """An entry ``[hash] cuda-only: ...``: not equivalent, only invisible without a GPU."""
+    return re.sub(r"^\[[0-9a-f]{8}\]\s*", "", reason).startswith("cuda-only:")
+
+
+def tidy_equivalents(work: Path) -> None:
+    """Re-tie equivalent.txt to the current mutants after their functions changed.
+
+    mutmut numbers the mutants of a function in order, so an edit renumbers them. An entry
+    whose fingerprint no longer matches its mutant is moved to the surviving mutant of the same
+    function with that fingerprint (the same mutated lines), if exactly one is not listed yet;
+    an entry whose mutant no longer exists or is now killed (and none renumbered matches) is
+    dropped. Prints each change; the rewritten file is for review before committing.
+    """
+    codes = collect(work)
+    lines = EQUIVALENT.read_text(encoding="utf-8").splitlines()
+    listed = set(read_equivalent())
+    fp_cache: dict[str, str] = {}
+
+    def fp(name: str) -> str:
+        if name not in fp_cache:
+            fp_cache[name] = fingerprint(diff_of(work, name))
+        return fp_cache[name]
+
+    out = []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            out.append(line)
+            continue
+        name, _, reason = line.strip().partition(" ")
+        m = re.match(r"\[([0-9a-f]{8})\]", reason)
+        if codes.get(name) == 0 and m and fp(name) == m.group(1):
+            out.append(line)
+            continue
+        function = name.rsplit("__mutmut_", 1)[0] + "__mutmut_"
+        candidates = [
+            k
+            for k, v in codes.items()
+            if k.startswith(function) and v == 0 and k not in listed and m and fp(k) == m.group(1)
+        ]
+        if len(candidates) == 1:
+            out.append(f"{candidates[0]} {reason}")
+            listed.add(candidates[0])
+            print(f"renumbered {name} -> {candidates[0].rsplit('_', 1)[1]}")
+        else:
+            state = "killed" if codes.get(name) not in (0, None) else "changed or gone"
+            print(f"dropped {name} ({state}; {len(candidates)} matching survivors)")
+    EQUIVALENT.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
 _STRING = re.compile(r"""[rbfu]{0,2}("([^"\\]|\\.)*"|'([^'\\]|\\.)*')""", re.IGNORECASE)
 _BARE = re.compile(r"""^\s*[rbfu]{0,2}["']""", re.IGNORECASE)
 _MESSAGE_LINE = re.compile(
@@ -161,7 +212,7 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
         if status == "survived":
             diff = diff_of(work, name)
             if name in equivalent and entry_matches(equivalent[name], diff):
-                status = "equivalent"
+                status = "cuda only" if is_cuda_only(equivalent[name]) else "equivalent"
             elif name in equivalent:
                 mismatched.append(name)
             elif is_message_mutant(diff):
@@ -181,12 +232,15 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
     stale = sorted(n for n in equivalent if exit_codes.get(n) not in (0, None))  # now killed
     total = sum(rows.values(), Counter())
     rows["total"] = total
-    columns = ["killed", "survived", "equivalent", "timeout", "no tests", "not checked"]
+    columns = ["killed", "survived", "equivalent", "cuda only", "timeout", "no tests"]
+    columns += ["not checked"]
     other = lambda c: sum(v for k, v in c.items() if k not in columns)  # noqa: E731
 
-    def fraction(c: Counter) -> float:
-        # timeouts count as killed; mutants no selected test executes ("no tests") as survivors
+    def fraction(c: Counter, strict: bool = False) -> float:
+        # timeouts count as killed; mutants no selected test executes ("no tests") as survivors;
+        # strict: the CUDA-only ones as survivors too (no CPU test can see them)
         relevant = c["killed"] + c["survived"] + c["timeout"] + c["no tests"]
+        relevant += c["cuda only"] if strict else 0
         return (c["killed"] + c["timeout"]) / relevant if relevant else float("nan")
 
     lines = [
@@ -198,19 +252,22 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
         "",
         "killed fraction = (killed + timeout) / (killed + timeout + survived + no tests); "
         "equivalent mutants (tests/mutation/equivalent.txt) are left out; not checked ones "
-        "(run interrupted) too",
+        '(run interrupted) too. "cuda only": mutants that only change a device argument '
+        "(visible on a GPU only; their tests are marked `gpu`), left out of the killed "
+        "fraction and counted as survivors in the strict one",
         "",
-        "| package | " + " | ".join(columns) + " | other | killed fraction |",
-        "|---" * (len(columns) + 3) + "|",
+        "| package | " + " | ".join(columns) + " | other | killed fraction | strict |",
+        "|---" * (len(columns) + 4) + "|",
     ]
-    for pkg, c in rows.items():
+
+    def row(label: str, c: Counter) -> str:
         cells = " | ".join(str(c[k]) for k in columns)
-        lines.append(f"| {pkg} | {cells} | {other(c)} | {fraction(c):.3f} |")
-    lines += ["", "| file | " + " | ".join(columns) + " | other | killed fraction |"]
-    lines.append("|---" * (len(columns) + 3) + "|")
-    for path, c in sorted(files.items()):
-        cells = " | ".join(str(c[k]) for k in columns)
-        lines.append(f"| {path} | {cells} | {other(c)} | {fraction(c):.3f} |")
+        return f"| {label} | {cells} | {other(c)} | {fraction(c):.3f} | {fraction(c, True):.3f} |"
+
+    lines += [row(pkg, c) for pkg, c in rows.items()]
+    lines += ["", "| file | " + " | ".join(columns) + " | other | killed fraction | strict |"]
+    lines.append("|---" * (len(columns) + 4) + "|")
+    lines += [row(path, c) for path, c in sorted(files.items())]
     if new_messages and not add_messages:
         lines += [
             "",
@@ -230,7 +287,10 @@ def report(work: Path, out: Path, packages: list[str], meta: dict, add_messages:
         lines += [f"### {name}", "", "```diff", diff.strip(), "```", ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    summary = {pkg: dict(c) | {"killed_fraction": fraction(c)} for pkg, c in rows.items()}
+    summary = {
+        pkg: dict(c) | {"killed_fraction": fraction(c), "strict_fraction": fraction(c, True)}
+        for pkg, c in rows.items()
+    }
     result = meta | {
         "packages": packages,
         "counts": summary,
@@ -294,10 +354,18 @@ def main() -> int:
     )
     parser.add_argument("--add-message-equivalents", action="store_true")
     parser.add_argument("--target", type=float, default=0.95)
+    parser.add_argument(
+        "--tidy-equivalents",
+        action="store_true",
+        help="re-tie equivalent.txt to renumbered mutants by fingerprint, drop killed entries",
+    )
     parser.add_argument("--check", nargs="+", metavar="MUTANT", help="mutants to run --tests on")
     parser.add_argument("--tests", nargs="+", default=[], help="test files for --check")
     args = parser.parse_args()
     work = args.work or args.out / "work"
+    if args.tidy_equivalents:
+        tidy_equivalents(work)
+        return 0
     if args.check:
         return check(work, args.check, args.tests or ["tests/mutation"])
     packages = [p.rstrip("/") for p in args.packages]

@@ -490,7 +490,7 @@ def test_initial_point_is_cast_to_the_problem_dtype():
     assert stepper.step()["inner_converged"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # CUDA-only mutants (equivalent.txt "cuda-only"); skipped without a device
 def test_initial_point_moves_to_the_problem_device():
     cpu = make_problem()
     on = {k: getattr(cpu, k) for k in ("inner", "outer")}

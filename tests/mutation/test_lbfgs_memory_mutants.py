@@ -401,7 +401,6 @@ def test_a_single_line_search_evaluation_is_a_valid_setting():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("caches", [False, True])
 def test_cpu_warm_start_of_a_cuda_solve(caches):
     """On a real accelerator: a CPU memory seeds a CUDA solve (every tensor moved first), and

@@ -131,7 +131,7 @@ def test_nonpositive_curvature_at_different_steps():
     torch.testing.assert_close(calls[2][1], final_residual[1], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # CUDA-only mutants (equivalent.txt "cuda-only"); skipped without a device
 def test_cuda_batch():
     # the per-sample bookkeeping lives on b's device (mixed devices would fail in torch.where)
     b = torch.stack([B_HAT, 3.0 * B_HAT]).cuda()

@@ -248,7 +248,7 @@ def test_float32_start_keeps_float64_arithmetic():
     torch.testing.assert_close(res.state.y, torch.from_numpy(yk).float(), rtol=2e-7, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # CUDA-only mutants (equivalent.txt "cuda-only"); skipped without a device
 def test_results_live_on_the_device_of_z0():
     # documented: the computation runs on the CPU, the objective receives tensors of z0's
     # device and dtype, and every returned tensor lives on that device
