@@ -706,7 +706,11 @@ class HOAGStepper:
             self.eps *= 0.5
             out["rejected"] = True
             logger.info(
-                "HOAG: step rejected at iteration %d (%.6g >= 1.2 x %.6g)", it, g, self.g_old
+                "HOAG: step rejected at iteration %d (%.6g >= %g x %.6g)",
+                it,
+                g,
+                self.cfg.reject_factor,
+                self.g_old,
             )
         else:
             self.old_lam = new.clone()

@@ -156,6 +156,18 @@ def test_authors_rejection_at_the_threshold_and_the_frozen_lambda0(caplog):
     assert st.tolerance_factor() == pytest.approx(math.exp(scalar(lam1) - trial), rel=1e-12)
 
 
+def test_authors_rejection_log_names_the_configured_factor(caplog):
+    """The rejection message states the test that was applied: g_k >= reject_factor · g_{k-1}."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    g = torch.tensor(0.5)
+    st = stepper_with([g, g], tolerance=DYADIC, reject_factor=1.5)
+    st._authors_update(st.lam.clone(), None, 2.0, 1)
+    out = st._authors_update(st.lam.clone(), None, 3.0, 2)  # 3 >= 1.5 x 2
+    assert out["rejected"] is True
+    (msg,) = [m for m in messages(caplog) if "rejected" in m]
+    assert "3 >= 1.5 x 2" in msg
+
+
 def test_authors_zero_hypergradient_skips_the_update(caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     st = stepper_with([torch.tensor(0.0)], tolerance=DYADIC)
