@@ -613,7 +613,8 @@ class LBFGS:
     ``sᵀy > ε ‖s‖ ‖y‖`` (``ε`` the machine epsilon of the dtype); with ``False`` every pair with a
     finite non-zero ``sᵀy`` is stored, as in the authors' code (``sᵀy = 0`` would divide by 0).
     If ``-H∇r`` is then not a descent direction, the memory is cleared and a gradient step is
-    taken (counted in ``n_restarts``).
+    taken (counted in ``n_restarts``); if ``∇r = 0`` exactly (possible before ``min_iter``),
+    the solver stops there.
 
     Line-search failure: if the strong-Wolfe search fails but found a point of sufficient
     decrease, that point is accepted (``n_line_search_failures`` counts it); if it found none,
@@ -833,16 +834,16 @@ class LBFGS:
             # ---- regular step ----
             p = ws.apply(g, ws.project(g) if pg is None else pg).neg_()
             dphi0 = float(torch.dot(g, p))
-            if not dphi0 < 0.0:
-                if ws.k == 0:
-                    logger.warning("LBFGS: zero or non-finite search direction; stopping")
-                    break
+            if not dphi0 < 0.0 and ws.k > 0:
                 logger.info("LBFGS: -H∇r is not a descent direction at n=%d; memory cleared", n)
                 ws.clear()
                 pg = ws.project(g) if ws.cache else None
                 n_restarts += 1
                 p = g * -ws.gamma
                 dphi0 = float(torch.dot(g, p))
+            if not dphi0 < 0.0:  # also after a restart: ∇r = 0 exactly (possible before min_iter)
+                logger.warning("LBFGS: zero or non-finite search direction; stopping")
+                break
             pnorm = float(torch.linalg.vector_norm(p))
 
             if self.line_search == "none":
