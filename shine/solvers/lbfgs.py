@@ -935,11 +935,15 @@ class LBFGS:
                 yy = float(torch.dot(y, y))
                 accept = self._accept(sy, snorm * snorm, yy, eps, noise_level())
                 pgn = ws.project(g_new)
+                if accept and math.sqrt(yy) < kappa * max(gnorm, gnorm_new):
+                    # y tiny compared with the gradients: differencing would cancel, in
+                    # [S Y]ᵀy and in sᵀy alike: both by dot products, the pair re-tested
+                    col = ws.project_next(y)
+                    sy = float(col[-2])
+                    accept = self._accept(sy, snorm * snorm, yy, eps, noise_level())
+                elif accept:
+                    col = torch.cat((pgn - pg, pgn.new_tensor([sy, yy])))
                 if accept:
-                    if math.sqrt(yy) >= kappa * max(gnorm, gnorm_new):
-                        col = torch.cat((pgn - pg, pgn.new_tensor([sy, yy])))
-                    else:  # y tiny compared with the gradients: differencing would cancel
-                        col = ws.project_next(y)
                     evicted = ws.commit("regular", col, sy, yy, self.scale_gamma)
                     pg = torch.cat((pgn[2 * evicted :], ws.win[-2:] @ g_new))
                 else:

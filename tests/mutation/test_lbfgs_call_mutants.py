@@ -532,3 +532,35 @@ def test_skipped_pairs_add_up_over_the_warm_start_and_the_solve():
     )
     assert torch.equal(res.value, 2.0 * unit(D))  # unit step with H = I
     assert res.stats.extra["n_skipped_pairs"] == 2 and len(res.state) == 0
+
+
+@pytest.mark.parametrize("D", [3, _CACHE_MIN_DIM])
+def test_step_after_a_tiny_y_pair_is_the_bfgs_step_of_that_pair(D):
+    """Where ``‖y‖ ≪ ‖∇r‖`` the cached path recomputes ``[S Y]ᵀy`` by dot products; the ``sᵀy``
+    of the pair (in ``R⁻¹``) must be that dot product too, not the differenced
+    ``step·(φ'(1) - φ'(0))`` (cancellation: ~1e-7 relative error here). The second step is then
+    ``-H₁∇r(z₁)`` with ``H₁`` the BFGS matrix (``H0 = I``) of the stored pair, on both paths.
+
+    ``r = cᵀz + ½zᵀAz``, ``‖c‖ = 1e3``, ``A = diag(a_i)``, ``a_i ∈ [1e-9, 4e-9]`` (``y = -Ac``
+    tiny and not parallel to ``∇r(z₁)``, so the two-loop formula below has no cancellation),
+    unit steps.
+    """
+    gen = torch.Generator().manual_seed(1)
+    c = torch.randn(D, dtype=DT, generator=gen)
+    c = c * (1e3 / c.norm())
+    diag = 1e-9 * (1.0 + 3.0 * torch.rand(D, dtype=DT, generator=gen))
+
+    def fun(z):
+        return c @ z + 0.5 * z @ (diag * z), c + diag * z
+
+    res = LBFGS(max_iter=2, line_search="none", tol=0.0)(fun, torch.zeros(D, dtype=DT))
+    z1 = -c  # the first step: -H0 ∇r(0) = -c
+    s, y = res.state.s[0], res.state.y[0]
+    torch.testing.assert_close(s, z1, rtol=0, atol=0)
+    rho = 1.0 / float(s @ y)
+    g1 = c + diag * z1
+    # two-loop recursion, one pair, H0 = I: H g = q + (a - ρ yᵀq) s, a = ρ sᵀg, q = g - a y
+    a = rho * float(s @ g1)
+    q = g1 - a * y
+    expected = z1 - (q + (a - rho * float(y @ q)) * s)
+    torch.testing.assert_close(res.value, expected, rtol=1e-11, atol=0)
