@@ -931,17 +931,16 @@ class LBFGS:
                 if accept:
                     ws.commit("regular", col, sy, yy, self.scale_gamma)
             else:
-                sy = step * (dphi_new - dphi0)  # = sᵀy, without another pass over the vectors
                 yy = float(torch.dot(y, y))
-                accept = self._accept(sy, snorm * snorm, yy, eps, noise_level())
-                pgn = ws.project(g_new)
-                if accept and math.sqrt(yy) < kappa * max(gnorm, gnorm_new):
-                    # y tiny compared with the gradients: differencing would cancel, in
-                    # [S Y]ᵀy and in sᵀy alike: both by dot products, the pair re-tested
+                differenced = math.sqrt(yy) >= kappa * max(gnorm, gnorm_new)
+                if differenced:  # sᵀy and [S Y]ᵀy without another pass over the vectors
+                    sy = step * (dphi_new - dphi0)
+                else:  # y tiny compared with the gradients: differencing would cancel
                     col = ws.project_next(y)
                     sy = float(col[-2])
-                    accept = self._accept(sy, snorm * snorm, yy, eps, noise_level())
-                elif accept:
+                accept = self._accept(sy, snorm * snorm, yy, eps, noise_level())
+                pgn = ws.project(g_new)
+                if accept and differenced:
                     col = torch.cat((pgn - pg, pgn.new_tensor([sy, yy])))
                 if accept:
                     evicted = ws.commit("regular", col, sy, yy, self.scale_gamma)

@@ -111,7 +111,6 @@ def tidy_equivalents(work: Path) -> None:
     """
     codes = collect(work)
     lines = EQUIVALENT.read_text(encoding="utf-8").splitlines()
-    listed = set(read_equivalent())
     fp_cache: dict[str, str] = {}
 
     def fp(name: str) -> str:
@@ -119,25 +118,33 @@ def tidy_equivalents(work: Path) -> None:
             fp_cache[name] = fingerprint(diff_of(work, name))
         return fp_cache[name]
 
-    out = []
-    for line in lines:
-        if not line.strip() or line.lstrip().startswith("#"):
-            out.append(line)
-            continue
+    def parse(line: str) -> tuple[str, str, str | None]:
         name, _, reason = line.strip().partition(" ")
         m = re.match(r"\[([0-9a-f]{8})\]", reason)
-        if codes.get(name) == 0 and m and fp(name) == m.group(1):
+        return name, reason, m.group(1) if m else None
+
+    entries = [ln.strip() and not ln.lstrip().startswith("#") for ln in lines]
+    # first the entries that still hold where they are: their mutants are taken
+    holds = {
+        i: codes.get(name) == 0 and hash_ is not None and fp(name) == hash_
+        for i, (name, _, hash_) in ((i, parse(ln)) for i, ln in enumerate(lines) if entries[i])
+    }
+    taken = {parse(lines[i])[0] for i, ok in holds.items() if ok}
+    out = []
+    for i, line in enumerate(lines):
+        if not entries[i] or holds[i]:
             out.append(line)
             continue
+        name, reason, hash_ = parse(line)
         function = name.rsplit("__mutmut_", 1)[0] + "__mutmut_"
         candidates = [
             k
             for k, v in codes.items()
-            if k.startswith(function) and v == 0 and k not in listed and m and fp(k) == m.group(1)
+            if k.startswith(function) and v == 0 and k not in taken and fp(k) == hash_
         ]
         if len(candidates) == 1:
             out.append(f"{candidates[0]} {reason}")
-            listed.add(candidates[0])
+            taken.add(candidates[0])
             print(f"renumbered {name} -> {candidates[0].rsplit('_', 1)[1]}")
         else:
             state = "killed" if codes.get(name) not in (0, None) else "changed or gone"
@@ -350,7 +357,7 @@ def main() -> int:
     parser.add_argument(
         "--survivors",
         action="store_true",
-        help="re-test only the surviving, non-equivalent mutants (e.g. after adding a test)",
+        help="re-test only the surviving (and untested) non-equivalent mutants (after a new test)",
     )
     parser.add_argument("--add-message-equivalents", action="store_true")
     parser.add_argument("--target", type=float, default=0.95)
@@ -384,7 +391,9 @@ def main() -> int:
             names = [
                 k
                 for k, v in collect(work).items()
-                if v == 0 and selected(k, packages) and k not in equivalent
+                if STATUS.get(v) in ("survived", "no tests")
+                and selected(k, packages)
+                and k not in equivalent
             ]
             if not names:
                 print("no surviving mutant to re-test")

@@ -181,6 +181,18 @@ def test_failed_line_search_returns_the_last_iterate(caplog):
     assert not caplog.records
 
 
+def test_line_search_failing_from_the_start_returns_z0_and_its_value():
+    """From ``z0 = 1`` (already next to the wall) the first line search fails: SciPy stops
+    abnormally without an iteration; the solver returns ``z0`` and ``value = r(z0)``, the one
+    accepted iterate (its value recorded at the first evaluation)."""
+    z0 = torch.tensor([1.0], dtype=DT)
+    ref = scipy_reference(wall, z0.numpy(), maxls=3, maxiter=50)
+    assert "ABNORMAL" in ref.message and ref.nit == 0 and ref.x.tolist() == [1.0]
+    res = ScipyLBFGSB(max_iter=50, tol=0.0, max_ls=3)(wall, z0)
+    assert res.value.tolist() == [1.0] and res.stats.nstep == 0
+    assert res.stats.extra["value"] == 0.5 and len(res.state) == 0
+
+
 # ---------------------------------------------------------------- the pair-skipping rule
 
 
