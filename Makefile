@@ -84,7 +84,7 @@ mutation-venv: venv
 
 # mutmut 3 runs on a `git archive` of HEAD (commit first) in $(RUNS)/mutation/work; its cache
 # there makes a rerun re-test only the changed functions. Exit status 1 below 95 % killed.
-mutation: mutation-venv ## mutation testing (mutmut) of solvers/backward/deq/bilevel vs the quick tests: report in runs/mutation/ (first full run measured 50 min on 2 shared cores: 6089 mutants, ~2/s; reruns re-test only changed functions; PACKAGES=shine/deq restricts)
+mutation: mutation-venv ## mutation testing (mutmut) of solvers/backward/deq/bilevel vs the quick tests: report in runs/mutation/ (a full run ~50 min on 2 shared cores: 6131 mutants, ~2/s; reruns re-test only changed functions, measured 5 min after an edit of LBFGS.__call__; PACKAGES=shine/deq restricts)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} nice -n 10 $(PY) tests/mutation/run.py \
 		--packages $(PACKAGES) --out $(RUNS)/mutation
 
