@@ -722,12 +722,12 @@ class HOAGStepper:
     def _safeguarded_update(self, lam: Tensor, fwd: SolverResult, g: float, it: int) -> dict:
         acc = self.accepted
         out: dict[str, Any] = {"rejected": False}
-        slack = self.cfg.step_c * self.eps * abs(acc["g"]) if acc is not None else 0.0
-        if acc is not None and g > acc["g"] + slack:
+        # self.lipschitz is set with the first accepted point (below): not None once acc is
+        if acc is not None and g > acc["g"] + self.cfg.step_c * self.eps * abs(acc["g"]):
             # the last step increased the outer loss: undo it, shorten the next step and tighten
             # ε; the hypergradient at the accepted point is then recomputed at the tighter ε
             # (an inexact hypergradient may point the wrong way: reusing it would fail forever)
-            self.lipschitz = (self.lipschitz or 1.0) * 2.0
+            self.lipschitz *= 2.0
             self.eps = max(self.eps * 0.5, self.cfg.tolerance.floor)
             if self.lam0_alias is None:
                 self.lam0_alias = lam.clone()
@@ -744,7 +744,7 @@ class HOAGStepper:
             return out
         grad, bw = self._backward_metrics(lam, fwd)
         out.update(bw)
-        if acc is not None and self.lipschitz is not None:
+        if acc is not None:
             predicted = float(torch.dot(acc["grad"].reshape(-1), acc["grad"].reshape(-1)))
             if acc["g"] - g >= self.cfg.step_c * predicted / self.lipschitz:
                 self.lipschitz *= 0.95  # sufficient decrease: allow longer steps

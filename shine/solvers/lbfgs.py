@@ -787,7 +787,7 @@ class LBFGS:
         # [S Y]ᵀ∇r(z_n), maintained across iterations for large D only (see _CACHE_MIN_DIM)
         pg = ws.project(g) if ws.cache else None
         n_opa = n_opa_skipped = n_ls_fail = n_ls_evals = n_restarts = 0
-        last_step_norm = self.opa_t0
+        last_step_norm = self.opa_t0  # t_0 of the OPA updates (t_n = ‖s_{n-1}‖ after)
         test_trials = self.stop_test == "every_evaluation"
         stopped_in_ls = False
         converged = False
@@ -812,7 +812,7 @@ class LBFGS:
                         f"opa_direction has shape {tuple(v.shape)}, expected {tuple(z.shape)}"
                     )
                 hv = ws.apply(v, ws.project(v))
-                t_n = self.opa_t0 if n == 0 else last_step_norm
+                t_n = last_step_norm  # opa_t0 before the first step, then ‖s_{n-1}‖
                 if self.opa_normalize:
                     t_n = t_n / max(float(torch.linalg.vector_norm(hv)), 1e-300)
                 row = ws.next_row()
