@@ -132,8 +132,8 @@ def _interpolate(lo: _Point, hi: _Point, value_noise: float) -> float:
     """Next trial step inside the bracket ``[lo, hi]`` (either order).
 
     Cubic interpolation (values and derivatives at both ends), else quadratic (value and
-    derivative at ``lo``, value at ``hi``), else bisection; when the two values differ by less
-    than ``value_noise`` they carry no information and the secant step on the derivatives is
+    derivative at ``lo``, value at ``hi``), else bisection; when the two values differ by at
+    most ``value_noise`` they carry no information and the secant step on the derivatives is
     used instead. The result is clamped to stay at least ``_MARGIN`` times the bracket width
     away from both ends, so the bracket shrinks by a fixed factor even when the interpolant
     points at an end.
@@ -235,7 +235,7 @@ def strong_wolfe(
         )
 
     def not_lower(a: _Point, b: _Point) -> bool:
-        """Whether ``a`` is not (significantly) lower than ``b``."""
+        """Whether ``a`` counts as not lower than ``b`` (``a > b + value_noise`` with noise)."""
         if value_noise > 0.0:
             return a.value - b.value > value_noise
         return a.value >= b.value
