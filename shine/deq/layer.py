@@ -30,7 +30,10 @@ class DEQLayer(nn.Module):
     Args:
         f: the equilibrium function ``f(z, x) -> z``; a module (its parameters are registered) or
             any callable. ``z`` is a tensor or a list/tuple of tensors (multi-scale state) sharing
-            the batch dimension; ``f`` must return the same structure and shapes.
+            the batch dimension; ``f`` must return the same structure, shapes and dtypes (no
+            autocast inside ``f``: the implicit backward strategies solve their adjoint in the
+            state's dtype, and only :class:`~shine.backward.JacobianFree` tolerates a
+            mixed-precision ``f``; cast the whole model instead).
         solver: forward root solver, e.g. ``Broyden(max_iter=30, tol=1e-6, memory=30)``.
         backward: backward strategy, e.g. ``Shine()``, ``IFT(max_iter=20)``.
 
