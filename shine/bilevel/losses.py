@@ -113,7 +113,7 @@ class LinearModelLoss:
         self.n_samples, self.n_features = int(n), int(p)
         self.sparse = X.layout != torch.strided
         if self.sparse:
-            coo = X.to_sparse_coo().coalesce() if X.layout != torch.sparse_coo else X.coalesce()
+            coo = X.to_sparse_coo().coalesce()  # (to_sparse_coo of a COO tensor is itself)
             a = coo.to_sparse_csr()
             at = coo.t().coalesce().to_sparse_csr()
             self._x = _csr(a.crow_indices(), a.col_indices(), a.values(), (n, p))
@@ -187,7 +187,7 @@ class LinearModelLoss:
 
     def loss_hessian(self, w: Tensor) -> Tensor:
         """Dense ``∇²ℓ(w) = Xᵀ diag(φ'') X``, ``(p, p)`` (small ``p`` only)."""
-        x = self._x.to_dense() if self.sparse else self._x
+        x = self._x.to_dense()  # (a strided tensor is its own to_dense)
         return x.mT @ (self.curvature(w)[:, None] * x)
 
     def __repr__(self) -> str:

@@ -164,7 +164,8 @@ class AdjointBroyden:
                 H = mem.estimate()
                 sigma = H.rmatvec(w) if self.opa_orientation == "transpose" else H.matvec(w)
                 sigma = sigma / batch_norm(sigma).clamp_min(torch.finfo(z.dtype).tiny)[:, None]
-                u, v, done = adjoint_update(H, sigma, vjp(sigma, retain=True), active)
+                # the graph at z_n is not used again (the step below evaluates z_{n+1}): freed
+                u, v, done = adjoint_update(H, sigma, vjp(sigma, retain=False), active)
                 n_vjps += 1
                 n_opa += int(done.sum())
                 mem.push(u, v, step=n, mask=done)
