@@ -15,6 +15,7 @@ import logging
 
 import pytest
 import torch
+from helpers.recording import recorded
 
 from shine.solvers import LBFGS, LBFGSMemory
 from shine.solvers.lbfgs import _CACHE_MIN_DIM
@@ -28,17 +29,6 @@ def unit(D, i=0):
     e = torch.zeros(D, dtype=DT)
     e[i] = 1.0
     return e
-
-
-def recorded(fun):
-    """``fun`` and the list of the points it was called at."""
-    calls = []
-
-    def wrapped(z):
-        calls.append(z.clone())
-        return fun(z)
-
-    return wrapped, calls
 
 
 def shifted_sphere(c):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.recording import recorded
 
 from shine.solvers import LBFGS, LBFGSInverse, LBFGSMemory, ScipyLBFGSB
 from shine.solvers.lbfgs import _Workspace
@@ -87,16 +88,6 @@ def quadratic(A, b):
         return 0.5 * z @ A @ z - b @ z, A @ z - b
 
     return fun
-
-
-def recorded(fun):
-    calls = []
-
-    def wrapped(z):
-        calls.append(z.clone())
-        return fun(z)
-
-    return wrapped, calls
 
 
 # ---------------------------------------------------------------- LBFGSInverse
