@@ -10,7 +10,7 @@ import pytest
 import torch
 from deq_problems import DT, Recorder, make_problem
 
-from shine.solvers import Broyden
+from shine.solvers import AdjointBroyden, Broyden
 
 
 def test_line_search_accepts_on_the_sufficient_decrease_boundary():
@@ -69,7 +69,7 @@ def test_update_after_a_backtracked_step_uses_the_step_taken():
     torch.testing.assert_close(res.inverse.dense()[1], torch.tensor([[-1 / 7]], dtype=DT))
 
 
-def test_converged_samples_stay_put_and_rejections_add_up():
+def test_converged_samples_stay_put():
     prob = make_problem(dim=6, batch=2)
     z0 = torch.zeros_like(prob.x)
     z0[0] = prob.root()[0] + 1e-9  # sample 0 converges (tol 1e-7) after its first step
@@ -78,6 +78,13 @@ def test_converged_samples_stay_put_and_rejections_add_up():
     assert len(rec.zs) > 4
     for z in rec.zs[2:]:  # once converged, sample 0 is not moved, not even by H g ~ 1e-9
         torch.testing.assert_close(z[0], rec.zs[1][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver", [Broyden, AdjointBroyden])
+def test_rejections_in_two_iterations_add_up(solver):
+    """A non-finite residual rejects the step of that sample only; two rejections in two
+    iterations count 2, the trace stays finite and the root is still found."""
+    prob = make_problem(dim=6, batch=2)
     calls = {"n": 0}
 
     def g(z):
@@ -88,7 +95,7 @@ def test_converged_samples_stay_put_and_rejections_add_up():
             out[1] = float("nan")
         return out
 
-    res = Broyden(max_iter=60, tol=1e-10, memory=60)(g, torch.zeros_like(prob.x))
+    res = solver(max_iter=60, tol=1e-10, memory=60)(g, torch.zeros_like(prob.x))
     assert res.stats.extra["rejected_steps"] == 2.0
     assert bool(torch.isfinite(res.stats.residual_trace).all())
     torch.testing.assert_close(res.value, prob.root(), atol=1e-8, rtol=0)
