@@ -118,8 +118,7 @@ class ScipyLBFGSB:
         device, dtype = z0.device, z0.dtype
         eps = float(np.finfo(np.float64).eps)
         test_every = self.stop_test == "every_evaluation"
-        accepted: list[tuple[np.ndarray, np.ndarray]] = []
-        accepted_f: list[float] = []  # r at the accepted iterates
+        accepted: list[tuple[np.ndarray, float, np.ndarray]] = []  # (x, r(x), ∇r(x)) of iterates
         last: dict[str, Any] = {}
         n_evals = [0]
 
@@ -129,16 +128,14 @@ class ScipyLBFGSB:
             n_evals[0] += 1
             last.update(x=x.copy(), f=float(value), g=g)
             if n_evals[0] == 1:
-                accepted.append((last["x"], g))
-                accepted_f.append(last["f"])
+                accepted.append((last["x"], last["f"], g))
             if (test_every or n_evals[0] == 1) and float(np.linalg.norm(g)) < self.tol:
                 raise _Converged
             return last["f"], g
 
         def callback(intermediate_result: Any) -> None:
             # L-BFGS-B calls back after each iteration; its last evaluation is the new iterate
-            accepted.append((last["x"], last["g"]))
-            accepted_f.append(last["f"])
+            accepted.append((last["x"], last["f"], last["g"]))
             if not test_every and float(np.linalg.norm(last["g"])) < self.tol:
                 raise StopIteration
 
@@ -180,7 +177,7 @@ class ScipyLBFGSB:
             # SciPy returns its last iterate, the last accepted one (restored after a failed
             # line search, whose trial point's value res.fun then still holds): take the point,
             # value and gradient from the record
-            (x_final, g_final), f_final = accepted[-1], accepted_f[-1]
+            x_final, f_final, g_final = accepted[-1]
             converged = float(np.linalg.norm(g_final)) < self.tol
         # a trial point of a line search, not an accepted iterate
         stopped_in_ls = res is None and last["x"] is not accepted[-1][0]
@@ -188,7 +185,7 @@ class ScipyLBFGSB:
         s_list: list[np.ndarray] = []
         y_list: list[np.ndarray] = []
         n_skipped = 0
-        for (x_a, g_a), (x_b, g_b) in zip(accepted[:-1], accepted[1:], strict=True):
+        for (x_a, _, g_a), (x_b, _, g_b) in zip(accepted[:-1], accepted[1:], strict=True):
             s, y = x_b - x_a, g_b - g_a
             if float(s @ y) <= eps * float(-(g_a @ s)):
                 n_skipped += 1
@@ -207,7 +204,7 @@ class ScipyLBFGSB:
         memory = memory.to(device=device, dtype=dtype)
         n_iter = len(accepted) - 1
         gnorm = float(np.linalg.norm(g_final))
-        trace = [float(np.linalg.norm(g)) for _, g in accepted]
+        trace = [float(np.linalg.norm(g)) for _, _, g in accepted]
         if stopped_in_ls:
             trace.append(gnorm)
         stats = SolverStats(
